@@ -1,0 +1,220 @@
+"""Cutting file data into digest-addressed zstd chunks, and packing them into blobs.
+
+* A file of at least ``chunk_size`` bytes is cut at multiples of ``chunk_size`` from its
+  start; each piece is a chunk of its own, so its digest depends on the file's content
+  only (equal pieces of any file, image or version are one chunk).
+* Smaller files are spooled while the layers stream by, and packed at the end, in path
+  order, into shared chunks with each file at a 4 KiB-aligned offset: a directory of small
+  files arrives in a few fetches. Files with equal content are stored once.
+* A piece of zeros is a hole: no chunk, never fetched.
+* Chunks are hashed (sha256 of the uncompressed bytes) and compressed (one zstd frame each)
+  on a thread pool; both release the GIL.
+* Blobs are cut content-defined: after a chunk whose digest says so, once the blob holds
+  ``blob_min`` compressed bytes, and always at ``blob_max``. One changed chunk changes one
+  blob, so a small change to an image re-uploads little.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import zstandard
+
+from turbofs import format as fmt
+from turbofs import oci
+from turbofs.config import BuildConfig
+from turbofs.errors import SourceError
+
+#: Chunk digest -> None (a hole) for a piece of zeros.
+Digest = bytes | None
+
+
+@dataclass(slots=True)
+class LargeData:
+    """A file cut into ``chunk_size`` pieces, each being hashed and compressed."""
+
+    pieces: list[Future[Digest]]
+
+
+@dataclass(slots=True)
+class SmallData:
+    """A file smaller than a chunk, waiting in the spool to be packed."""
+
+    offset: int
+    size: int
+
+
+@dataclass(slots=True)
+class _Stored:
+    spool_offset: int
+    clen: int
+    ulen: int
+
+
+_U32_SPACE: Final = 1 << 32
+
+
+class ChunkStore:
+    def __init__(self, workdir: Path, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.chunk_size = cfg.chunk_size
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._spool = open(workdir / "chunks.spool", "w+b")
+        self._small = open(workdir / "small.spool", "w+b")
+        self._small_size = 0
+        self._lock = threading.Lock()
+        self._stored: dict[bytes, _Stored] = {}
+        self._pending: set[bytes] = set()
+        self._spool_size = 0
+        self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="chunk")
+        self._slots = threading.Semaphore(cfg.workers * 4)
+        self._local = threading.local()
+        self._zeros = bytes(self.chunk_size)
+        self.file_bytes = 0  # bytes of file content seen (before dedup)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._spool.close()
+        self._small.close()
+
+    # -- intake
+
+    def add_file(self, read: Callable[[int], bytes], size: int, what: str) -> LargeData | SmallData | None:
+        """Take a file's content from ``read``; returns the handle kept in the tree."""
+        self.file_bytes += size
+        if size == 0:
+            return None
+        if size < self.chunk_size:
+            data = _read_exact(read, size, what)
+            off = self._small_size
+            self._small.write(data)
+            self._small_size += size
+            return SmallData(off, size)
+        pieces = []
+        left = size
+        while left:
+            data = _read_exact(read, min(self.chunk_size, left), what)
+            left -= len(data)
+            pieces.append(self._submit(data))
+        return LargeData(pieces)
+
+    def _submit(self, data: bytes) -> Future[Digest]:
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(self._put_chunk, data)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._slots.release())
+        return fut
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = zstandard.ZstdCompressor(level=self.cfg.zstd_level, write_content_size=True)
+            self._local.cctx = cctx
+        return cctx
+
+    def _put_chunk(self, data: bytes) -> Digest:
+        if data == self._zeros[: len(data)]:
+            return None
+        digest = hashlib.sha256(data).digest()
+        with self._lock:
+            if digest in self._stored or digest in self._pending:
+                return digest
+            self._pending.add(digest)
+        comp = self._compressor().compress(data)
+        with self._lock:
+            off = self._spool_size
+            self._spool_size += len(comp)
+            os.pwrite(self._spool.fileno(), comp, off)
+            self._stored[digest] = _Stored(off, len(comp), len(data))
+            self._pending.discard(digest)
+        return digest
+
+    # -- packing small files
+
+    def pack_small(self, files: Iterable[SmallData]) -> dict[int, tuple[Future[Digest], int]]:
+        """Pack small files (in the given order) into chunks.
+
+        Returns, for each SmallData (by ``id``), the future digest of its chunk and its
+        offset inside that chunk. Files with equal content share one place.
+        """
+        self._small.flush()
+        fd = self._small.fileno()
+        cs = self.chunk_size
+        futures: list[Future[Digest]] = []
+        place: dict[bytes, tuple[int, int]] = {}  # content digest -> (pack number, offset)
+        assigned: dict[int, bytes] = {}
+        buf = bytearray()
+        for sd in files:
+            if id(sd) in assigned:
+                continue
+            data = os.pread(fd, sd.size, sd.offset)
+            key = hashlib.sha256(data).digest()
+            assigned[id(sd)] = key
+            if key in place:
+                continue
+            start = -(-len(buf) // fmt.ALIGN) * fmt.ALIGN
+            if start + len(data) > cs:
+                futures.append(self._submit(bytes(buf)))
+                buf.clear()
+                start = 0
+            buf.extend(bytes(start - len(buf)))
+            buf.extend(data)
+            place[key] = (len(futures), start)
+        if buf:
+            futures.append(self._submit(bytes(buf)))
+        return {sid: (futures[place[key][0]], place[key][1]) for sid, key in assigned.items()}
+
+    # -- blobs
+
+    def write_blobs(self, order: list[bytes], writer: oci.LayoutWriter) -> tuple[list[fmt.Chunk], list[fmt.Blob]]:
+        """Write every chunk, in ``order``, into content-defined blobs of the layout."""
+        chunks: list[fmt.Chunk] = []
+        blobs: list[fmt.Blob] = []
+        cfg = self.cfg
+        spread = max(1, cfg.blob_avg - cfg.blob_min)
+        i = 0
+        fd = self._spool.fileno()
+        while i < len(order):
+            with writer.blob_writer() as sink:
+                first_id = len(chunks)
+                while i < len(order):
+                    digest = order[i]
+                    st = self._stored[digest]
+                    off = sink.size
+                    sink.write(os.pread(fd, st.clen, st.spool_offset))
+                    chunks.append(fmt.Chunk(len(chunks), digest, len(blobs), off, st.clen, st.ulen))
+                    i += 1
+                    cut_mark = int.from_bytes(digest[:4], "little")
+                    if sink.size >= cfg.blob_max or (
+                        sink.size >= cfg.blob_min and cut_mark < st.clen * _U32_SPACE // spread
+                    ):
+                        break
+            blob = fmt.Blob(bytes.fromhex(sink.digest.split(":", 1)[1]), sink.size)
+            assert all(c.blob == len(blobs) for c in chunks[first_id:])
+            blobs.append(blob)
+        return chunks, blobs
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(s.clen for s in self._stored.values())
+
+    @property
+    def unique_bytes(self) -> int:
+        return sum(s.ulen for s in self._stored.values())
+
+
+def _read_exact(read: Callable[[int], bytes], n: int, what: str) -> bytes:
+    data = read(n)
+    if len(data) != n:
+        raise SourceError(f"{what}: file data ends after {len(data)} of {n} bytes")
+    return data

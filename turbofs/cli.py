@@ -1,0 +1,99 @@
+"""The ``turbofs`` command line: parse, build the configuration, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from turbofs import __version__
+from turbofs.config import build_config
+from turbofs.errors import TurboError
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 256K, 4M, 10G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="turbofs", description="Turbo images: lazy-loading containers.")
+    p.add_argument("--version", action="version", version=f"turbofs {__version__}")
+    p.add_argument("--config", type=Path, help="config file (default /etc/turbofs/config.toml if present)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser(
+        "build",
+        help="convert an image into a turbo image (OCI layout)",
+        description="Convert SOURCE into a turbo image written as an OCI image layout at --output. "
+        "SOURCE is oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REF], dir:ROOTFS, "
+        "or a path recognised by its content.",
+    )
+    b.add_argument("source")
+    b.add_argument("-o", "--output", type=Path, required=True, help="output OCI layout directory")
+    b.add_argument("--tag", help="tag of the turbo image in the output layout (default: latest)")
+    b.add_argument("--force", action="store_true", help="replace --output if it exists")
+    b.add_argument("--chunk-size", type=_size, help="uncompressed chunk size, a power of two (default 256K)")
+    b.add_argument("--level", type=int, dest="zstd_level", help="zstd level (default 3)")
+    b.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
+    b.add_argument("--workers", type=int, help="compression threads (default: number of CPUs)")
+    b.add_argument("--max-layer-size", type=_size, help="refuse layers larger than this uncompressed")
+    b.add_argument("--max-image-size", type=_size, help="refuse images larger than this uncompressed")
+    b.add_argument("--max-entries", type=int, help="refuse images with more tar entries than this")
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    b.add_argument("--verify", action="store_true", help="decode and check the written index")
+    return p
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from index_builder.build import build
+
+    cfg = build_config(
+        args.config,
+        tag=args.tag,
+        chunk_size=args.chunk_size,
+        zstd_level=args.zstd_level,
+        platform=args.platform,
+        workers=args.workers,
+        max_layer_size=args.max_layer_size,
+        max_image_size=args.max_image_size,
+        max_entries=args.max_entries,
+    )
+    result = build(args.source, args.output, cfg, force=args.force, progress=args.progress)
+    if args.verify:
+        from turbofs.image import open_layout_image
+
+        open_layout_image(args.output, result.tag).index.verify()
+    print(result.summary())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            return _cmd_build(args)
+    except TurboError as exc:
+        print(f"turbofs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("turbofs: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
