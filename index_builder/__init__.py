@@ -1,5 +1,5 @@
 """Push-time conversion of container images into turbo images (see ``build``)."""
 
-from index_builder.build import BuildResult, build
+from index_builder.builder import BuildResult, build
 
 __all__ = ["BuildResult", "build"]

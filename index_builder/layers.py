@@ -14,7 +14,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import zstandard
 
@@ -35,48 +35,40 @@ def sniff_compression(head: bytes) -> str:
 
 
 class _Decoder:
-    """Incremental decompression of one compression format (multi-member gzip, multi-frame zstd)."""
+    """Incremental decompression of one format: multi-member gzip, multi-frame zstd, or none."""
 
     def __init__(self, compression: str) -> None:
+        if compression not in ("gzip", "zstd", "none"):
+            raise SourceError(f"unsupported compression {compression!r}")
         self.compression = compression
-        self._obj: zlib._Decompress | zstandard.ZstdDecompressionObj | None = None
-        self.done = compression == "none"
+        self._obj: Any = None
+        self.done = compression == "none"  # at a member boundary
         self.started = False
-
-    def _new(self) -> None:
-        if self.compression == "gzip":
-            self._obj = zlib.decompressobj(wbits=31)
-        else:
-            self._obj = zstandard.ZstdDecompressor().decompressobj()
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.compression == "none":
             return [data]
         out: list[bytes] = []
         while data:
+            if self.done and not data.strip(b"\0"):
+                break  # zero padding after the last member, as some writers add
             if self._obj is None or self.done:
-                self._new()
+                self._obj = (
+                    zlib.decompressobj(wbits=31)
+                    if self.compression == "gzip"
+                    else zstandard.ZstdDecompressor().decompressobj()
+                )
                 self.done = False
             self.started = True
-            assert self._obj is not None
             try:
                 out.append(self._obj.decompress(data))
             except (zlib.error, zstandard.ZstdError) as exc:
                 raise SourceError(f"not valid {self.compression} data: {exc}") from None
-            if self.compression == "gzip":
-                assert isinstance(self._obj, zlib._Decompress)
-                if self._obj.eof:
-                    self.done = True
-                    data = self._obj.unused_data
-                else:
-                    data = b""
+            if self._obj.eof:
+                self.done = True
+                data = self._obj.unused_data
             else:
-                assert isinstance(self._obj, zstandard.ZstdDecompressionObj)
-                if self._obj.eof:
-                    self.done = True
-                    data = self._obj.unused_data
-                else:
-                    data = b""
+                data = b""
         return out
 
     def finish(self) -> None:

@@ -304,10 +304,10 @@ def _split_ref(rest: str) -> tuple[Path, str | None]:
     path = Path(rest)
     if path.exists():
         return path, None
-    if ":" in rest:
-        head, tag = rest.rsplit(":", 1)
-        if Path(head).exists():
-            return Path(head), tag or None
+    # PATH:REF, where REF may hold colons itself (docker-archive:FILE:example.com:5000/x:1)
+    for i, ch in enumerate(rest):
+        if ch == ":" and i and Path(rest[:i]).exists():
+            return Path(rest[:i]), rest[i + 1 :] or None
     raise NotFound(f"{rest}: no such file or directory")
 
 

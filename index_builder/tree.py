@@ -195,8 +195,10 @@ class Tree:
         if op.kind == "dir" and existing is not None and existing.is_dir:
             self._set_attrs(existing, op)
             return
+        # Linux gives every symlink mode 0777, whatever the archive says
+        perms = 0o777 if op.kind == "symlink" else op.mode & 0o7777
         node = Node(
-            _TYPE_BITS[op.kind] | (op.mode & 0o7777),
+            _TYPE_BITS[op.kind] | perms,
             op.uid, op.gid, op.mtime_ns, op.xattrs, op.size, op.data, op.target, op.rdev,
         )
         parent.children[name] = node

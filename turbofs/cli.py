@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from index_builder.build import build
+    from index_builder.builder import build
 
     cfg = build_config(
         args.config,

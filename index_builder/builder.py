@@ -115,6 +115,8 @@ def _mtime_ns(m: tarfile.TarInfo, what: str) -> int:
 def _xattrs(m: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes], ...]:
     out: dict[bytes, bytes] = {}
     for key, value in m.pax_headers.items():
+        if not value:
+            continue  # POSIX pax: an empty value deletes the record
         if key.startswith(_XATTR_PREFIX):
             out[key[len(_XATTR_PREFIX) :].encode("utf-8", "surrogateescape")] = value.encode(
                 "utf-8", "surrogateescape"
