@@ -65,9 +65,13 @@ class BuildResult:
     layers: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    padding: int = 0  # alignment zeros inside packed chunks
+
     @property
     def dedup_ratio(self) -> float:
-        return self.file_bytes / self.chunk_bytes if self.chunk_bytes else 1.0
+        """File bytes over the file data that the chunks store (alignment not counted)."""
+        stored = self.chunk_bytes - self.padding
+        return self.file_bytes / stored if stored > 0 else 1.0
 
     @property
     def compression_ratio(self) -> float:
@@ -368,6 +372,7 @@ def _assemble(tree: Tree, store: ChunkStore, cfg: BuildConfig, writer: oci.Layou
     result.blobs = len(blobs)
     result.chunk_bytes = sum(c.ulen for c in chunks)
     result.compressed_bytes = sum(c.clen for c in chunks)
+    result.padding = store.padding
     index_blob = fmt.encode(chunk_size=cfg.chunk_size, inodes=specs, chunks=chunks, blobs=blobs, prefetch=prefetch)
     result.extra["blob_descriptors"] = [
         oci.Descriptor(oci.TURBO_CHUNKS, b.oci_digest, b.size) for b in blobs

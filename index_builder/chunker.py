@@ -45,10 +45,11 @@ class LargeData:
 
 @dataclass(slots=True)
 class SmallData:
-    """A file smaller than a chunk, waiting in the spool to be packed."""
+    """A file smaller than a chunk, waiting to be packed: in memory, or in the spool file."""
 
     offset: int
     size: int
+    data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +70,8 @@ class ChunkStore:
         self._spool = open(workdir / "chunks.spool", "w+b")
         self._small = open(workdir / "small.spool", "w+b")
         self._small_size = 0
+        self._small_in_memory = 0
+        self.padding = 0  # zero bytes that align packed files to 4 KiB
         self._lock = threading.Lock()
         self._stored: dict[bytes, _Stored] = {}
         self._pending: set[bytes] = set()
@@ -93,6 +96,9 @@ class ChunkStore:
             return None
         if size < self.chunk_size:
             data = _read_exact(read, size, what)
+            if self._small_in_memory + size <= self.cfg.small_files_memory:
+                self._small_in_memory += size
+                return SmallData(0, size, data)
             off = self._small_size
             self._small.write(data)
             self._small_size += size
@@ -157,7 +163,8 @@ class ChunkStore:
         for sd in files:
             if id(sd) in assigned:
                 continue
-            data = os.pread(fd, sd.size, sd.offset)
+            data = sd.data if sd.data is not None else os.pread(fd, sd.size, sd.offset)
+            sd.data = None  # packed from here on: free the memory early
             key = hashlib.sha256(data).digest()
             assigned[id(sd)] = key
             if key in place:
@@ -167,6 +174,7 @@ class ChunkStore:
                 futures.append(self._submit(bytes(buf)))
                 buf.clear()
                 start = 0
+            self.padding += start - len(buf)
             buf.extend(bytes(start - len(buf)))
             buf.extend(data)
             place[key] = (len(futures), start)

@@ -168,8 +168,9 @@ def test_chunk_layout(tmp_path: Path) -> None:
 def test_same_input_same_bytes(tmp_path: Path) -> None:
     info = write_oci_layout(tmp_path / "src", kitchen_sink_layers(), config=CFG)
     outs = []
-    for name, workers in (("a", 1), ("b", 2)):
-        _build(f"oci:{info.layout}", tmp_path / name, workers=workers)
+    # one worker, small files in memory / two workers, small files through the spool file
+    for name, workers, memory in (("a", 1, 1 << 30), ("b", 2, 0)):
+        _build(f"oci:{info.layout}", tmp_path / name, workers=workers, small_files_memory=memory)
         outs.append({p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     assert outs[0] == outs[1]
 

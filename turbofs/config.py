@@ -38,6 +38,9 @@ DEFAULT_MAX_IMAGE_SIZE: Final = 256 * GiB  # uncompressed bytes of all layers
 DEFAULT_MAX_ENTRIES: Final = 10_000_000  # tar entries over all layers
 DEFAULT_MAX_CONFIG_SIZE: Final = 8 * MiB  # manifests, configs, index.json
 DEFAULT_PATH_MAX: Final = 4096
+#: Files smaller than a chunk wait in memory, up to this many bytes, then in a spool file,
+#: until they are packed in path order at the end of the build.
+DEFAULT_SMALL_FILES_MEMORY: Final = 1 * GiB
 DEFAULT_TAG: Final = "latest"
 
 T = TypeVar("T")
@@ -56,6 +59,7 @@ class BuildConfig:
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
     max_entries: int = DEFAULT_MAX_ENTRIES
     max_config_size: int = DEFAULT_MAX_CONFIG_SIZE
+    small_files_memory: int = DEFAULT_SMALL_FILES_MEMORY
     workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     tag: str = DEFAULT_TAG
     platform: str | None = None  # OS/ARCH[/VARIANT]; the host's by default

@@ -188,7 +188,7 @@ def encode(
     chunks: Sequence[Chunk],
     blobs: Sequence[Blob],
     prefetch: Sequence[int],
-    level: int = 19,
+    level: int = 9,
 ) -> bytes:
     """Encode an index. ``inodes[0]`` is the root directory; output is deterministic."""
     log2 = chunk_size.bit_length() - 1
