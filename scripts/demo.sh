@@ -22,7 +22,7 @@ skopeo inspect "oci:$LAYOUT:latest" >/dev/null
 
 say "converting: turbofs build oci:$LAYOUT:latest --output $OUT --force"
 mkdir -p "$(dirname "$OUT")"
-.venv/bin/turbofs build "oci:$LAYOUT:latest" --output "$OUT" --force
+.venv/bin/turbofs build "oci:$LAYOUT:latest" --output "$OUT" --force --verify
 
 say "turbo image: oci:$OUT:latest"
 skopeo inspect "oci:$OUT:latest"
