@@ -3,9 +3,12 @@
 * A file of at least ``chunk_size`` bytes is cut at multiples of ``chunk_size`` from its
   start; each piece is a chunk of its own, so its digest depends on the file's content
   only (equal pieces of any file, image or version are one chunk).
-* Smaller files are spooled while the layers stream by, and packed at the end, in path
-  order, into shared chunks with each file at a 4 KiB-aligned offset: a directory of small
-  files arrives in a few fetches. Files with equal content are stored once.
+* Smaller files wait (in memory, then in a spool file) while the layers stream by, and are
+  packed at the end, in path order, into shared chunks with each file at a 4 KiB-aligned
+  offset: a directory of small files arrives in a few fetches. Files with equal content are
+  stored once. A pack ends where it is full or, content-defined, after a file whose digest
+  says so (on average every half chunk): a changed file changes its own pack, not every
+  pack after it.
 * A piece of zeros is a hole: no chunk, never fetched.
 * Chunks are hashed (sha256 of the uncompressed bytes) and compressed (one zstd frame each)
   on a thread pool; both release the GIL.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 import zstandard
+from isal import isal_zlib
 
 from turbofs import format as fmt
 from turbofs import oci
@@ -157,30 +161,51 @@ class ChunkStore:
         fd = self._small.fileno()
         cs = self.chunk_size
         futures: list[Future[Digest]] = []
-        place: dict[bytes, tuple[int, int]] = {}  # content digest -> (pack number, offset)
-        assigned: dict[int, bytes] = {}
+        packs: list[bytes] = []  # kept until the end, to compare candidates for dedup
+        # (size, crc32) -> places of files with that key; equal bytes are then confirmed
+        seen: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        out: dict[int, tuple[int, int]] = {}  # id(SmallData) -> (pack number, offset)
         buf = bytearray()
+
+        def stored(pack: int, off: int, size: int) -> bytes | bytearray:
+            src = packs[pack] if pack < len(packs) else buf
+            return src[off : off + size]
+
+        def cut() -> None:
+            packs.append(bytes(buf))
+            futures.append(self._submit(packs[-1]))
+            buf.clear()
+
         for sd in files:
-            if id(sd) in assigned:
+            if id(sd) in out:
                 continue
             data = sd.data if sd.data is not None else os.pread(fd, sd.size, sd.offset)
             sd.data = None  # packed from here on: free the memory early
-            key = hashlib.sha256(data).digest()
-            assigned[id(sd)] = key
-            if key in place:
+            crc = isal_zlib.crc32(data)
+            places = seen.setdefault((len(data), crc), [])
+            for place in places:
+                if stored(place[0], place[1], len(data)) == data:
+                    out[id(sd)] = place
+                    break
+            if id(sd) in out:
                 continue
             start = -(-len(buf) // fmt.ALIGN) * fmt.ALIGN
             if start + len(data) > cs:
-                futures.append(self._submit(bytes(buf)))
-                buf.clear()
+                cut()
                 start = 0
             self.padding += start - len(buf)
             buf.extend(bytes(start - len(buf)))
             buf.extend(data)
-            place[key] = (len(futures), start)
+            out[id(sd)] = (len(packs), start)
+            places.append(out[id(sd)])
+            # content-defined pack ends: after a file whose CRC says so (on average every
+            # half chunk), so that a changed file shifts its own pack only, not all that follow
+            aligned = -(-len(data) // fmt.ALIGN) * fmt.ALIGN
+            if crc < aligned * _U32_SPACE // (cs // 2):
+                cut()
         if buf:
-            futures.append(self._submit(bytes(buf)))
-        return {sid: (futures[place[key][0]], place[key][1]) for sid, key in assigned.items()}
+            cut()
+        return {sid: (futures[pack], off) for sid, (pack, off) in out.items()}
 
     # -- blobs
 
