@@ -55,7 +55,42 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     b.add_argument("--verify", action="store_true", help="decode and check the written index")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the turbofs registry (OCI Distribution API + turbo extensions)",
+        description="Serve a registry with local storage. Listens on 127.0.0.1 by default; on any "
+        "other address pushing needs a token (--users).",
+    )
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 5050; 0 picks a free one)")
+    s.add_argument("--storage", type=Path, help="storage folder (default /var/lib/turbofs/registry)")
+    s.add_argument("--users", type=Path, dest="users_file", help="users file (lines of user:hash)")
+    s.add_argument("--push-auth", action=argparse.BooleanOptionalAction, default=None,
+                   help="require a token to push (default: when not on loopback)")
+    s.add_argument("--pull-auth", action=argparse.BooleanOptionalAction, default=None,
+                   help="require a token to pull (default: no)")
+    s.add_argument("--auto-convert", action="append", metavar="REPO_GLOB",
+                   help="convert plain images pushed to matching repositories into turbo images")
     return p
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+    from turbofs.config import registry_config
+
+    cfg = registry_config(
+        args.config,
+        host=args.host,
+        port=args.port,
+        storage=args.storage,
+        users_file=args.users_file,
+        push_auth=args.push_auth,
+        pull_auth=args.pull_auth,
+        auto_convert=args.auto_convert,
+    )
+    serve(cfg)
+    return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -86,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "build":
             return _cmd_build(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
     except TurboError as exc:
         print(f"turbofs: error: {exc}", file=sys.stderr)
         return exc.exit_code

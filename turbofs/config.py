@@ -43,6 +43,18 @@ DEFAULT_PATH_MAX: Final = 4096
 DEFAULT_SMALL_FILES_MEMORY: Final = 1 * GiB
 DEFAULT_TAG: Final = "latest"
 
+#: The embedded registry: loopback only unless told otherwise.
+DEFAULT_REGISTRY_HOST: Final = "127.0.0.1"
+DEFAULT_REGISTRY_PORT: Final = 5050
+DEFAULT_REGISTRY_STORAGE: Final = Path("/var/lib/turbofs/registry")
+DEFAULT_MAX_MANIFEST_SIZE: Final = 4 * MiB
+DEFAULT_MAX_BLOB_SIZE: Final = 64 * GiB
+DEFAULT_UPLOAD_TTL: Final = 3600.0  # seconds an idle upload session lives
+DEFAULT_TOKEN_TTL: Final = 3600.0
+DEFAULT_MAX_BATCH_RANGES: Final = 4096
+DEFAULT_MAX_BATCH_BYTES: Final = 256 * MiB
+DEFAULT_CONVERT_TAG_SUFFIX: Final = "-turbo"
+
 T = TypeVar("T")
 
 
@@ -76,6 +88,98 @@ class BuildConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")
         return self
+
+
+@dataclass
+class RegistryConfig:
+    """Settings of ``turbofs serve`` (TOML table ``[registry]``, env ``TURBOFS_REGISTRY_*``)."""
+
+    host: str = DEFAULT_REGISTRY_HOST
+    port: int = DEFAULT_REGISTRY_PORT  # 0: any free port (printed at start)
+    storage: Path = DEFAULT_REGISTRY_STORAGE
+    #: htpasswd-style file of "user:hash" lines (hashes from ``turbofs passwd``).
+    users_file: Path | None = None
+    #: None: pushing needs a token when listening on anything but loopback.
+    push_auth: bool | None = None
+    pull_auth: bool = False
+    #: file holding the token signing key; created (0600) in the storage folder if unset.
+    token_key_file: Path | None = None
+    token_ttl: float = DEFAULT_TOKEN_TTL
+    max_manifest_size: int = DEFAULT_MAX_MANIFEST_SIZE
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
+    upload_ttl: float = DEFAULT_UPLOAD_TTL
+    max_batch_ranges: int = DEFAULT_MAX_BATCH_RANGES
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    #: repositories (glob patterns) whose plain images are converted to turbo images on push
+    auto_convert: list[str] = field(default_factory=list)
+    convert_tag_suffix: str = DEFAULT_CONVERT_TAG_SUFFIX
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+    @property
+    def push_needs_auth(self) -> bool:
+        return self.push_auth if self.push_auth is not None else not self.loopback_only
+
+    def validate(self) -> RegistryConfig:
+        self.storage = Path(self.storage)
+        if self.users_file is not None:
+            self.users_file = Path(self.users_file)
+        if self.token_key_file is not None:
+            self.token_key_file = Path(self.token_key_file)
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"port {self.port} out of range")
+        for name in ("max_manifest_size", "max_blob_size", "upload_ttl", "token_ttl",
+                     "max_batch_ranges", "max_batch_bytes"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be positive")
+        if (self.push_needs_auth or self.pull_auth) and self.users_file is None:
+            raise UsageError(
+                "authentication is required (listening on "
+                f"{self.host}) but no users file is configured: set users_file or --users"
+            )
+        return self
+
+
+_ENV_PREFIX: Final = "TURBOFS_REGISTRY_"
+
+
+def registry_config(path: Path | None = None, **overrides: Any) -> RegistryConfig:
+    """Registry settings: defaults, the ``[registry]`` table, ``TURBOFS_REGISTRY_*``, then flags."""
+    table = dict(load_toml(path).get("registry", {}))
+    known = {f.name: f for f in dataclasses.fields(RegistryConfig)}
+    for key, value in os.environ.items():
+        if key.startswith(_ENV_PREFIX):
+            name = key[len(_ENV_PREFIX) :].lower()
+            if name not in known:
+                raise UsageError(f"environment variable {key}: unknown registry setting")
+            table[name] = _parse_env(name, value, known[name].type)
+    cfg = _from_table(RegistryConfig, table, "[registry]")
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg.validate()
+
+
+def _parse_env(name: str, value: str, type_name: object) -> Any:
+    text = str(type_name)
+    try:
+        if "bool" in text:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith("list"):
+            return [v for v in value.split(",") if v]
+    except ValueError:
+        raise UsageError(f"TURBOFS_REGISTRY_{name.upper()}: invalid value {value!r}") from None
+    return value
 
 
 def _from_table(cls: type[T], table: dict[str, Any], where: str) -> T:
