@@ -206,8 +206,22 @@ def _resolve_platform(
     return desc, obj
 
 
-def _layers_from_manifest(store: _BlobStore, manifest: dict[str, Any], config: bytes) -> list[LayerRef]:
-    where = store.where
+def image_from_manifest(
+    description: str,
+    manifest: dict[str, Any],
+    manifest_digest: str | None,
+    config: bytes,
+    open_blob: Callable[[str], BinaryIO],
+) -> SourceImage:
+    """A source image from an already verified manifest and config, whose blobs ``open_blob``
+    opens by digest (the registry converts images in its storage this way)."""
+    layers = _layers_from_manifest(description, open_blob, manifest, config)
+    return SourceImage(description, config, manifest_digest, layers)
+
+
+def _layers_from_manifest(
+    where: str, open_blob: Callable[[str], BinaryIO], manifest: dict[str, Any], config: bytes
+) -> list[LayerRef]:
     layers_json = manifest.get("layers")
     if not isinstance(layers_json, list):
         raise FormatError(f"{where}: manifest has no layers list")
@@ -222,12 +236,12 @@ def _layers_from_manifest(store: _BlobStore, manifest: dict[str, Any], config: b
         comp = oci.LAYER_COMPRESSION.get(desc.media_type)
         if comp is None:
             raise SourceError(f"{where}: layer {desc.digest} has unsupported media type {desc.media_type!r}")
-        out.append(LayerRef(desc.media_type, desc.digest, desc.size, diff_id, _opener(store, desc.digest), comp))
+        out.append(LayerRef(desc.media_type, desc.digest, desc.size, diff_id, _opener(open_blob, desc.digest), comp))
     return out
 
 
-def _opener(store: _BlobStore, digest: str) -> Callable[[], BinaryIO]:
-    return lambda: store.open(digest)
+def _opener(open_blob: Callable[[str], BinaryIO], digest: str) -> Callable[[], BinaryIO]:
+    return lambda: open_blob(digest)
 
 
 def _diff_ids(config: bytes, where: str) -> list[str]:
@@ -247,7 +261,7 @@ def _open_layout(store: _BlobStore, tag: str | None, cfg: BuildConfig, descripti
     if config_desc.media_type and config_desc.media_type not in oci.CONFIG_TYPES:
         raise SourceError(f"{store.where}: unsupported config media type {config_desc.media_type!r}")
     config = store.read_verified(config_desc, "image config")
-    layers = _layers_from_manifest(store, manifest, config)
+    layers = _layers_from_manifest(store.where, store.open, manifest, config)
     return SourceImage(description, config, desc.digest, layers)
 
 
@@ -300,7 +314,8 @@ def _name_opener(store: _TarBlobs, name: str) -> Callable[[], BinaryIO]:
 _PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:")
 
 
-def _split_ref(rest: str) -> tuple[Path, str | None]:
+def split_path_ref(rest: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH:REF`` where PATH exists."""
     path = Path(rest)
     if path.exists():
         return path, None
@@ -319,7 +334,7 @@ def open_source(spec: str, cfg: BuildConfig) -> SourceImage:
         if spec.startswith(prefix):
             kind, rest = prefix[:-1], spec[len(prefix) :]
             break
-    path, ref = _split_ref(rest)
+    path, ref = split_path_ref(rest)
     if kind is None:
         if path.is_dir():
             kind = "oci" if (path / "oci-layout").exists() or (path / "index.json").exists() else "dir"

@@ -1,13 +1,219 @@
-"""The turbofs extensions of the registry API (``/v2/<name>/_turbofs/...``) (stub)."""
+"""The turbofs extensions of the registry API (specification: ``docs/api.md``).
+
+Everything under ``/v2/_turbofs/`` and ``/v2/<name>/_turbofs/``; a node or client that finds
+``GET /v2/_turbofs/info`` answering 404 uses the plain OCI API instead:
+
+* ``GET  /v2/_turbofs/info``                    which extensions and limits this registry has
+* ``POST /v2/<name>/_turbofs/batch``            many byte ranges of the repository's blobs in
+                                                one response, sent with sendfile(2)
+* ``POST /v2/<name>/_turbofs/missing``          which of these blobs the repository lacks
+* ``POST /v2/<name>/_turbofs/convert``          convert a plain image into a turbo image
+* ``GET  /v2/<name>/_turbofs/convert/<id>``     the state of a conversion
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+import os
+import re
+from typing import Any, Final
 
 from aiohttp import web
 
+from server.convert import Converter
+from turbofs import oci
 from turbofs.config import RegistryConfig
+from turbofs.errors import FormatError
+
+VERSION: Final = 1
+BATCH_MEDIA_TYPE: Final = "application/vnd.turbofs.batch.v1"
+_NAME: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+_NAME_RE: Final = re.compile(f"^{_NAME}$")
+CONVERTER_KEY: Final = web.AppKey("turbofs_converter", Converter)
+
+
+def _error(status: int, code: str, message: str, detail: Any = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return web.json_response({"errors": [body]}, status=status)
 
 
 def setup(app: web.Application, storage: Any, cfg: RegistryConfig) -> None:
-    """Add the extension routes (no-op until implemented)."""
+    """Add the extension routes (before the OCI catch-all routes of the app)."""
+    converter = Converter(storage, cfg)
+    app[CONVERTER_KEY] = converter
+    ext = _Extensions(storage, cfg, converter)
+    app.router.add_get("/v2/_turbofs/info", ext.info)
+    app.router.add_post(r"/v2/{name:" + _NAME + r"}/_turbofs/batch", ext.batch)
+    app.router.add_post(r"/v2/{name:" + _NAME + r"}/_turbofs/missing", ext.missing)
+    app.router.add_post(r"/v2/{name:" + _NAME + r"}/_turbofs/convert", ext.convert)
+    app.router.add_get(r"/v2/{name:" + _NAME + r"}/_turbofs/convert/{job:[0-9a-f]+}", ext.convert_status)
+
+    async def close_converter(_app: web.Application) -> None:
+        await converter.close()
+
+    app.on_cleanup.append(close_converter)
+
+
+def on_manifest_put(app: web.Application, repo: str, reference: str, digest: str, media_type: str) -> None:
+    """Called by the OCI API after a manifest was stored: the automatic conversion hook."""
+    converter = app.get(CONVERTER_KEY)
+    if converter is not None:
+        converter.maybe_auto_convert(repo, reference, digest, media_type)
+
+
+class _Extensions:
+    def __init__(self, storage: Any, cfg: RegistryConfig, converter: Converter) -> None:
+        self.storage = storage
+        self.cfg = cfg
+        self.converter = converter
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "version": VERSION,
+                "extensions": ["batch", "missing", "convert"],
+                "max_batch_ranges": self.cfg.max_batch_ranges,
+                "max_batch_bytes": self.cfg.max_batch_bytes,
+            }
+        )
+
+    async def _json(self, request: web.Request, limit: int = 8 << 20) -> Any:
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+        raw = await request.content.read(limit + 1)
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _Bad(f"request body is not valid JSON: {exc}") from None
+
+    async def batch(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        try:
+            body = await self._json(request)
+            ranges = _parse_ranges(body, self.cfg)
+        except _Bad as exc:
+            return _error(400, "BATCH_INVALID", str(exc))
+        # resolve every blob first: no byte is sent unless the whole batch can be served
+        plan: list[tuple[str, int, int]] = []
+        for digest, offset, length in ranges:
+            path = self.storage.blob_path(digest)
+            if path is None or not self.storage.repo_has_blob(name, digest):
+                return _error(404, "BLOB_UNKNOWN", f"blob {digest} is not in repository {name}", {"digest": digest})
+            size = os.path.getsize(path)
+            if offset + length > size:
+                return _error(416, "RANGE_INVALID", f"range {offset}+{length} is past the end of {digest} ({size} bytes)")
+            plan.append((str(path), offset, length))
+        total = sum(n for _, _, n in plan)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": BATCH_MEDIA_TYPE})
+        resp.content_length = total
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        files: dict[str, Any] = {}
+        try:
+            for path, offset, length in plan:
+                f = files.get(path)
+                if f is None:
+                    f = files[path] = open(path, "rb")
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                try:
+                    await loop.sendfile(transport, f, offset, length)
+                    continue
+                except NotImplementedError:  # no zero-copy on this transport: copy
+                    pass
+                f.seek(offset)
+                left = length
+                while left:
+                    piece = f.read(min(left, 1 << 20))
+                    if not piece:
+                        raise OSError(f"{path} shrank while being served")
+                    await resp.write(piece)
+                    left -= len(piece)
+            await resp.write_eof()
+        finally:
+            for f in files.values():
+                f.close()
+        return resp
+
+    async def missing(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            body = await self._json(request)
+            digests = body.get("digests") if isinstance(body, dict) else None
+            if not isinstance(digests, list) or len(digests) > 100_000:
+                raise _Bad("expected {\"digests\": [...]} with at most 100000 digests")
+            for d in digests:
+                oci.check_digest(d)
+        except (_Bad, FormatError) as exc:
+            return _error(400, "DIGEST_INVALID", str(exc))
+        missing = []
+        for d in dict.fromkeys(digests):
+            if self.storage.repo_has_blob(name, d):
+                continue
+            if self.storage.blob_path(d) is not None:
+                self.storage.link_blob(name, d)  # stored already: the push needs no upload
+                continue
+            missing.append(d)
+        return web.json_response({"missing": missing})
+
+    async def convert(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            body = await self._json(request, 64 << 10)
+            if not isinstance(body, dict) or not isinstance(body.get("reference"), str):
+                raise _Bad('expected {"reference": TAG_OR_DIGEST, "tag": TARGET_TAG}')
+            reference = body["reference"]
+            tag = body.get("tag")
+            if tag is not None and not isinstance(tag, str):
+                raise _Bad("tag must be a string")
+            job = self.converter.submit(name, reference, tag)
+        except _Bad as exc:
+            return _error(400, "UNSUPPORTED", str(exc))
+        except ValueError as exc:
+            return _error(400, "MANIFEST_INVALID", str(exc))
+        location = f"/v2/{name}/_turbofs/convert/{job.id}"
+        return web.json_response(job.to_json(), status=202, headers={"Location": location})
+
+    async def convert_status(self, request: web.Request) -> web.Response:
+        job = self.converter.jobs.get(request.match_info["job"])
+        if job is None or job.repo != request.match_info["name"]:
+            return _error(404, "NAME_UNKNOWN", "no such conversion")
+        return web.json_response(job.to_json())
+
+
+class _Bad(Exception):
+    pass
+
+
+def _parse_ranges(body: Any, cfg: RegistryConfig) -> list[tuple[str, int, int]]:
+    ranges = body.get("ranges") if isinstance(body, dict) else None
+    if not isinstance(ranges, list) or not ranges:
+        raise _Bad('expected {"ranges": [{"digest": D, "offset": N, "length": N}, ...]}')
+    if len(ranges) > cfg.max_batch_ranges:
+        raise _Bad(f"{len(ranges)} ranges is more than the limit of {cfg.max_batch_ranges}")
+    out = []
+    total = 0
+    for r in ranges:
+        if not isinstance(r, dict):
+            raise _Bad("each range must be an object")
+        digest, offset, length = r.get("digest"), r.get("offset"), r.get("length")
+        try:
+            oci.check_digest(digest)  # type: ignore[arg-type]
+        except FormatError as exc:
+            raise _Bad(str(exc)) from None
+        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length <= 0:
+            raise _Bad(f"range of {digest}: offset and length must be integers, length > 0")
+        total += length
+        out.append((str(digest), offset, length))
+    if total > cfg.max_batch_bytes:
+        raise _Bad(f"{total} bytes is more than the limit of {cfg.max_batch_bytes} per batch")
+    return out
+
+
+__all__ = ["BATCH_MEDIA_TYPE", "CONVERTER_KEY", "on_manifest_put", "setup"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from turbofs import __version__
 from turbofs.config import build_config
@@ -72,7 +73,72 @@ def _parser() -> argparse.ArgumentParser:
                    help="require a token to pull (default: no)")
     s.add_argument("--auto-convert", action="append", metavar="REPO_GLOB",
                    help="convert plain images pushed to matching repositories into turbo images")
+
+    pu = sub.add_parser(
+        "push",
+        help="push an image to a registry as a turbo image, sending only what it lacks",
+        description="Push SOURCE (a turbo image layout, or any image 'turbofs build' accepts, "
+        "converted first) to REGISTRY/REPO[:TAG].",
+    )
+    pu.add_argument("source")
+    pu.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
+    pu.add_argument("--parallel", type=int, default=4, help="blobs uploaded at once (default 4)")
+    pu.add_argument("--creds", metavar="USER[:PASSWORD]", help="registry credentials (default: ~/.docker/config.json)")
+    pu.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS (default for loopback)")
+    pu.add_argument("--chunk-size", type=_size, help="chunk size when converting (default 256K)")
+    pu.add_argument("--level", type=int, dest="zstd_level", help="zstd level when converting (default 3)")
+    pu.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+    pw = sub.add_parser(
+        "passwd",
+        help="print a users-file line (user:hash) for the registry",
+        description="Read USER's password from stdin (one line), or prompt twice on a terminal, and "
+        "print 'USER:HASH' for the registry's users file (turbofs serve --users FILE).",
+    )
+    pw.add_argument("user")
     return p
+
+
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass
+
+    from server.auth import check_username, passwd_line
+    from turbofs.errors import UsageError
+
+    check_username(args.user)
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ")
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    print(passwd_line(args.user, password))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from turbofs.push import push
+
+    cfg = build_config(args.config, chunk_size=args.chunk_size, zstd_level=args.zstd_level)
+    result = push(
+        args.source,
+        args.target,
+        build_config=cfg,
+        auth=_client_auth(args.target, args.creds),
+        scheme="http" if args.plain_http else None,
+        parallel=args.parallel,
+        progress=args.progress,
+    )
+    print(result.summary())
+    return 0
+
+
+def _client_auth(target: str, creds: str | None) -> Any:
+    """Registry credentials for a client command: --creds, else the Docker config file."""
+    from turbofs.auth import auth_for_registry
+    from turbofs.registry_client import Reference
+
+    return auth_for_registry(Reference.parse(target).registry, creds)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -123,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_build(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "passwd":
+            return _cmd_passwd(args)
+        if args.command == "push":
+            return _cmd_push(args)
     except TurboError as exc:
         print(f"turbofs: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,6 +9,7 @@
      │    ├── UnsafeEntry           a layer entry that would escape the root or is malformed
      │    └── LimitExceeded         a layer or image past a configured size limit
      ├── NotFound                  a path, blob, tag or manifest that does not exist
+     ├── AuthError                 a registry or token service refused the credentials
      └── UsageError                bad command-line or configuration values
 
 Every error carries a message meant for a person: it names the file, blob or entry and
@@ -47,6 +48,10 @@ class LimitExceeded(SourceError):
 
 class NotFound(TurboError):
     """A path, blob, tag or manifest that does not exist."""
+
+
+class AuthError(TurboError):
+    """A registry or its token service refused the credentials (or sent no usable token)."""
 
 
 class UsageError(TurboError):

@@ -1,0 +1,157 @@
+"""Errors of the registry, one class per error code of the OCI Distribution Specification.
+
+::
+
+    turbofs.errors.TurboError
+     └── RegistryError              an error answered with the spec's JSON body
+          ├── BlobUnknown            BLOB_UNKNOWN           404
+          ├── BlobUploadInvalid      BLOB_UPLOAD_INVALID    400
+          │    └── RangeInvalid      BLOB_UPLOAD_INVALID    416 (chunk out of order)
+          ├── BlobUploadUnknown      BLOB_UPLOAD_UNKNOWN    404
+          ├── DigestInvalid          DIGEST_INVALID         400
+          ├── ManifestBlobUnknown    MANIFEST_BLOB_UNKNOWN  400
+          ├── ManifestInvalid        MANIFEST_INVALID       400
+          ├── ManifestUnknown        MANIFEST_UNKNOWN       404
+          ├── NameInvalid            NAME_INVALID           400
+          ├── NameUnknown            NAME_UNKNOWN           404
+          ├── SizeInvalid            SIZE_INVALID           400 (413 when past a size limit)
+          ├── Unauthorized           UNAUTHORIZED           401
+          ├── Denied                 DENIED                 403
+          ├── Unsupported            UNSUPPORTED            405 / 404 / 400
+          └── TooManyRequests        TOOMANYREQUESTS        429
+
+The storage layer raises these directly (it is the one that knows a blob is unknown or a
+name invalid); the app turns any of them into a response in one place (:func:`error_response`),
+with the body ``{"errors": [{"code", "message", "detail"}]}``. Other modules (auth, extensions)
+raise them too, for example ``Unauthorized("...", headers={"WWW-Authenticate": ...})``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+from turbofs.errors import TurboError
+
+
+class RegistryError(TurboError):
+    """An error with an OCI error code and an HTTP status."""
+
+    code: ClassVar[str] = "UNKNOWN"
+    status: int = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: Any = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        return entry
+
+
+class BlobUnknown(RegistryError):
+    code = "BLOB_UNKNOWN"
+    status = 404
+
+
+class BlobUploadInvalid(RegistryError):
+    code = "BLOB_UPLOAD_INVALID"
+    status = 400
+
+
+class RangeInvalid(BlobUploadInvalid):
+    """A chunk that does not start where the upload stands (the spec's 416)."""
+
+    status = 416
+
+
+class BlobUploadUnknown(RegistryError):
+    code = "BLOB_UPLOAD_UNKNOWN"
+    status = 404
+
+
+class DigestInvalid(RegistryError):
+    code = "DIGEST_INVALID"
+    status = 400
+
+
+class ManifestBlobUnknown(RegistryError):
+    code = "MANIFEST_BLOB_UNKNOWN"
+    status = 400
+
+
+class ManifestInvalid(RegistryError):
+    code = "MANIFEST_INVALID"
+    status = 400
+
+
+class ManifestUnknown(RegistryError):
+    code = "MANIFEST_UNKNOWN"
+    status = 404
+
+
+class NameInvalid(RegistryError):
+    code = "NAME_INVALID"
+    status = 400
+
+
+class NameUnknown(RegistryError):
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
+class SizeInvalid(RegistryError):
+    code = "SIZE_INVALID"
+    status = 400
+
+
+class Unauthorized(RegistryError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(RegistryError):
+    code = "DENIED"
+    status = 403
+
+
+class Unsupported(RegistryError):
+    code = "UNSUPPORTED"
+    status = 405
+
+
+class TooManyRequests(RegistryError):
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+
+def error_body(*errors: RegistryError) -> bytes:
+    return json.dumps({"errors": [e.to_json() for e in errors]}).encode()
+
+
+def error_response(error: RegistryError, *, head: bool = False) -> web.Response:
+    """The HTTP response for ``error`` (no body for HEAD requests, as HTTP wants)."""
+    body = error_body(error)
+    resp = web.Response(
+        status=error.status,
+        body=None if head else body,
+        content_type="application/json",
+        headers=error.headers,
+    )
+    return resp

@@ -1,0 +1,861 @@
+"""The registry's storage folder: content-addressed blobs, repositories, upload sessions.
+
+This is the only code that touches the storage folder. Its layout::
+
+    ROOT/
+      blobs/sha256/<hex>                                  blob bytes, shared by all repositories
+      blobs/sha512/<hex>
+      repositories/<name>/_layers/<algo>/<hex>            empty file: the blob belongs to <name>
+      repositories/<name>/_manifests/revisions/<algo>/<hex>   the manifest's media type
+      repositories/<name>/_manifests/tags/<tag>           the digest the tag points to
+      repositories/<name>/_referrers/<algo>/<hex>/<algo>-<hex>  descriptor of a manifest whose
+                                                          ``subject`` is the first digest
+      uploads/<uuid>/state.json                           {"repo": ..., "created": ...}
+      uploads/<uuid>/data                                 the bytes received so far
+      tmp/                                                scratch folders (scratch_dir)
+
+``<name>`` may have several components (``library/debian`` is two folders). Manifests are
+blobs too (their bytes live in ``blobs/``; the revision file says the repository has one).
+
+Every file is written under a temporary name in its final folder (a name starting with a dot,
+which no blob, tag or name can start with), fsynced, then renamed, and the folder fsynced; so
+a crash leaves either the old or the new state, never half a file. A blob enters ``blobs/``
+only after its bytes were hashed and matched the digest that names it. Names, tags, digests and
+upload ids are checked against their grammar before any path is built from them, which is
+also what keeps every path inside the storage folder.
+
+Thread safety: the methods may be called from several threads at once (the app runs the
+blocking ones in worker threads). One upload session is used by one request at a time; a
+second request on a session that is busy is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from server.errors import (
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RangeInvalid,
+    SizeInvalid,
+)
+from turbofs.config import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_MANIFEST_SIZE, DEFAULT_UPLOAD_TTL
+from turbofs.errors import FormatError
+from turbofs.oci import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    atomic_write,
+    check_digest,
+    fsync_dir,
+)
+
+# -- grammar (OCI distribution spec) -----------------------------------------------------
+
+_COMPONENT: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+MAX_NAME_LENGTH: Final = 255
+_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+#: Manifest media types the registry stores (and serves back with the same type).
+MANIFEST_MEDIA_TYPES: Final = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
+_IMAGE_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+_GENERIC_CONTENT_TYPES: Final = frozenset({"", "application/json", "application/octet-stream"})
+
+_COPY_CHUNK: Final = 1 << 20
+
+
+def check_name(name: str) -> str:
+    """Validate a repository name; return it (NameInvalid otherwise)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        raise NameInvalid(f"invalid repository name {name!r}", detail={"name": str(name)[:300]})
+    return name
+
+
+def is_tag(reference: str) -> bool:
+    return TAG_RE.fullmatch(reference) is not None
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
+        raise ManifestInvalid(f"invalid tag {tag!r}", detail={"tag": str(tag)[:300]})
+    return tag
+
+
+def check_blob_digest(digest: str) -> str:
+    """Validate a digest (sha256 or sha512); return it (DigestInvalid otherwise)."""
+    try:
+        return check_digest(digest)
+    except FormatError as exc:
+        raise DigestInvalid(str(exc), detail={"digest": str(digest)[:300]}) from None
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def _split(digest: str) -> tuple[str, str]:
+    algo, hexd = check_blob_digest(digest).split(":", 1)
+    return algo, hexd
+
+
+def _hash_file(path: Path, algo: str) -> tuple[str, int]:
+    h = hashlib.new(algo)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{algo}:{h.hexdigest()}", size
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    """Where an upload session stands."""
+
+    uuid: str
+    repo: str
+    offset: int  # bytes received so far
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class PutResult:
+    digest: str
+    media_type: str
+    subject: str | None  # digest of the manifest's ``subject``, if it has one
+
+
+class Storage:
+    """The storage folder of one registry (see the module docstring for the layout)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+        max_manifest_size: int = DEFAULT_MAX_MANIFEST_SIZE,
+        upload_ttl: float = DEFAULT_UPLOAD_TTL,
+    ) -> None:
+        self.root = Path(root)
+        self.max_blob_size = max_blob_size
+        self.max_manifest_size = max_manifest_size
+        self.upload_ttl = upload_ttl
+        for sub in ("blobs/sha256", "blobs/sha512", "repositories", "uploads"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        #: upload id -> (offset, running sha256) while the hash covers the whole data file
+        self._hashes: dict[str, tuple[int, Any]] = {}
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _blob_file(self, digest: str) -> Path:
+        algo, hexd = _split(digest)
+        return self.root / "blobs" / algo / hexd
+
+    def _repo_dir(self, repo: str) -> Path:
+        return self.root / "repositories" / check_name(repo)
+
+    def _layer_link(self, repo: str, digest: str) -> Path:
+        algo, hexd = _split(digest)
+        return self._repo_dir(repo) / "_layers" / algo / hexd
+
+    def _revision(self, repo: str, digest: str) -> Path:
+        algo, hexd = _split(digest)
+        return self._repo_dir(repo) / "_manifests" / "revisions" / algo / hexd
+
+    def _tags_dir(self, repo: str) -> Path:
+        return self._repo_dir(repo) / "_manifests" / "tags"
+
+    def _tag_file(self, repo: str, tag: str) -> Path:
+        return self._tags_dir(repo) / check_tag(tag)
+
+    def _referrers_dir(self, repo: str, subject: str) -> Path:
+        algo, hexd = _split(subject)
+        return self._repo_dir(repo) / "_referrers" / algo / hexd
+
+    def _upload_dir(self, uuid: str) -> Path:
+        if not isinstance(uuid, str) or not _UUID_RE.fullmatch(uuid):
+            raise BlobUploadUnknown(f"unknown upload {str(uuid)[:100]!r}")
+        return self.root / "uploads" / uuid
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path | None:
+        """The file holding blob ``digest``, or None if the registry does not have it."""
+        path = self._blob_file(digest)
+        return path if path.is_file() else None
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self._blob_file(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def repo_exists(self, repo: str) -> bool:
+        d = self._repo_dir(repo)
+        return (d / "_manifests").is_dir() or (d / "_layers").is_dir()
+
+    def repo_has_blob(self, repo: str, digest: str) -> bool:
+        return self._layer_link(repo, digest).exists() and self._blob_file(digest).is_file()
+
+    def link_blob(self, repo: str, digest: str) -> None:
+        """Make blob ``digest`` (which must be stored) part of repository ``repo``."""
+        link = self._layer_link(repo, digest)
+        if not self._blob_file(digest).is_file():
+            raise BlobUnknown(f"blob {digest} is not in the registry", detail={"digest": digest})
+        if not link.exists():
+            atomic_write(link, b"")
+
+    def unlink_blob(self, repo: str, digest: str) -> None:
+        """Remove blob ``digest`` from ``repo`` (its bytes stay until garbage_collect)."""
+        link = self._layer_link(repo, digest)
+        try:
+            link.unlink()
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not in {repo}", detail={"digest": digest}) from None
+        fsync_dir(link.parent)
+
+    def import_blob(self, src: Path, digest: str) -> None:
+        """Move the file ``src`` into the store as blob ``digest``, after checking its bytes.
+
+        On success ``src`` is gone (moved, or dropped if the blob was already stored). If its
+        content does not match ``digest``, DigestInvalid is raised and ``src`` is left alone.
+        """
+        src = Path(src)
+        dest = self._blob_file(digest)
+        algo = digest.split(":", 1)[0]
+        if src.stat().st_dev == dest.parent.stat().st_dev:
+            actual, _ = _hash_file(src, algo)
+            if actual != digest:
+                raise DigestInvalid(
+                    f"content has digest {actual}, expected {digest}",
+                    detail={"expected": digest, "actual": actual},
+                )
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish(src, dest)
+            src.unlink()
+            return
+        # another file system: copy under a temporary name while hashing, then publish that
+        fd, tmp_name = tempfile.mkstemp(prefix=".import.", suffix=".tmp", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.new(algo)
+            with open(src, "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    h.update(chunk)
+                    _write_all(fd, chunk)
+            os.fsync(fd)
+            actual = f"{algo}:{h.hexdigest()}"
+            if actual != digest:
+                raise DigestInvalid(
+                    f"content has digest {actual}, expected {digest}",
+                    detail={"expected": digest, "actual": actual},
+                )
+            self._publish(tmp, dest)
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+        src.unlink()
+
+    def _publish(self, verified: Path, dest: Path) -> None:
+        """Give the verified file ``verified`` its final name ``dest`` (a hard link; the
+        caller removes ``verified``). An existing blob is left as it is (same bytes)."""
+        try:
+            os.link(verified, dest)
+        except FileExistsError:
+            return
+        now = time.time()
+        os.utime(dest, (now, now))  # a fresh blob is young for garbage_collect's grace period
+        fsync_dir(dest.parent)
+
+    def put_blob_bytes(self, data: bytes) -> str:
+        """Store ``data`` as a blob (not linked to any repository); return its sha256 digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self._put_bytes(data, digest)
+        return digest
+
+    def _put_bytes(self, data: bytes, digest: str) -> None:
+        path = self._blob_file(digest)
+        if not path.exists():
+            atomic_write(path, data)
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        """Store a manifest under a tag or its digest; return its digest.
+
+        Checks: the size limit, the JSON, the media type (``media_type``, usually the request's
+        Content-Type, must agree with the manifest's ``mediaType``), a digest ``reference``
+        matches the bytes, and every blob (image manifest) or manifest (index) it references
+        is in ``repo``. The config and layers are linked to ``repo``.
+        """
+        return self.put_manifest_info(repo, reference, data, media_type).digest
+
+    def put_manifest_info(
+        self, repo: str, reference: str, data: bytes, media_type: str
+    ) -> PutResult:
+        """:meth:`put_manifest`, returning the digest, the media type and the subject."""
+        check_name(repo)
+        if is_digest(reference):
+            digest_ref: str | None = check_blob_digest(reference)
+            tag = None
+        else:
+            digest_ref = None
+            tag = check_tag(reference)
+        if len(data) > self.max_manifest_size:
+            raise SizeInvalid(
+                f"manifest of {len(data)} bytes is larger than the limit of "
+                f"{self.max_manifest_size} bytes",
+                status=413,
+                detail={"size": len(data), "limit": self.max_manifest_size},
+            )
+        algo = digest_ref.split(":", 1)[0] if digest_ref else "sha256"
+        digest = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+        if digest_ref is not None and digest != digest_ref:
+            raise DigestInvalid(
+                f"manifest has digest {digest}, not {digest_ref}",
+                detail={"expected": digest_ref, "actual": digest},
+            )
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ManifestInvalid("manifest is not a JSON object")
+        mtype = self._manifest_type(obj, media_type)
+        if obj.get("schemaVersion") != 2:
+            raise ManifestInvalid(
+                f"unsupported schemaVersion {obj.get('schemaVersion')!r} (2 is supported)"
+            )
+        links, subject = self._check_references(repo, obj, mtype)
+
+        self._put_bytes(data, digest)
+        for d in [*links, digest]:
+            self.link_blob(repo, d)
+        revision = self._revision(repo, digest)
+        atomic_write(revision, mtype.encode())
+        if subject is not None:
+            self._add_referrer(repo, subject, obj, mtype, digest, len(data))
+        if tag is not None:
+            atomic_write(self._tag_file(repo, tag), digest.encode())
+        return PutResult(digest, mtype, subject)
+
+    @staticmethod
+    def _manifest_type(obj: dict[str, Any], content_type: str) -> str:
+        ctype = content_type.split(";", 1)[0].strip().lower()
+        body_type = obj.get("mediaType")
+        if body_type is not None and not isinstance(body_type, str):
+            raise ManifestInvalid("mediaType is not a string")
+        if ctype in MANIFEST_MEDIA_TYPES:
+            if body_type and body_type != ctype:
+                raise ManifestInvalid(
+                    f"Content-Type {ctype} does not match the manifest's mediaType {body_type}",
+                    detail={"contentType": ctype, "mediaType": body_type},
+                )
+            return ctype
+        if ctype not in _GENERIC_CONTENT_TYPES and not ctype.startswith("application/vnd.docker.distribution.manifest.v1"):
+            raise ManifestInvalid(
+                f"unsupported manifest media type {ctype}",
+                detail={"mediaType": ctype, "supported": sorted(MANIFEST_MEDIA_TYPES)},
+            )
+        if body_type:
+            if body_type not in MANIFEST_MEDIA_TYPES:
+                raise ManifestInvalid(
+                    f"unsupported manifest media type {body_type}",
+                    detail={"mediaType": body_type, "supported": sorted(MANIFEST_MEDIA_TYPES)},
+                )
+            return body_type
+        if obj.get("schemaVersion") == 1 or ctype.startswith("application/vnd.docker.distribution.manifest.v1"):
+            raise ManifestInvalid("Docker schema 1 manifests are not supported")
+        if "manifests" in obj:
+            return OCI_INDEX
+        if "config" in obj:
+            return OCI_MANIFEST
+        raise ManifestInvalid("cannot tell the manifest's media type (set Content-Type)")
+
+    def _check_references(
+        self, repo: str, obj: dict[str, Any], mtype: str
+    ) -> tuple[list[str], str | None]:
+        """Validate the descriptors of ``obj``; return (blobs to link, subject digest)."""
+        links: list[str] = []
+        missing: list[str] = []
+        try:
+            if mtype in _IMAGE_TYPES:
+                config = Descriptor.from_json(obj.get("config"), "config")
+                layers_raw = obj.get("layers", [])
+                if not isinstance(layers_raw, list):
+                    raise ManifestInvalid("layers is not a list")
+                layers = [Descriptor.from_json(x, f"layer {i}") for i, x in enumerate(layers_raw)]
+                for desc in [config, *layers]:
+                    size = self.blob_size(desc.digest)
+                    if size is None or not self._layer_link(repo, desc.digest).exists():
+                        if desc.urls and desc is not config:
+                            continue  # a foreign layer, fetched from its URLs
+                        missing.append(desc.digest)
+                        continue
+                    if size != desc.size:
+                        raise ManifestInvalid(
+                            f"descriptor of {desc.digest} says {desc.size} bytes, "
+                            f"the blob has {size}",
+                            detail={"digest": desc.digest, "size": desc.size, "actual": size},
+                        )
+                    links.append(desc.digest)
+                if missing:
+                    raise ManifestBlobUnknown(
+                        f"manifest references {len(missing)} blob(s) unknown to {repo}: "
+                        + ", ".join(missing[:5]),
+                        detail={"digests": missing},
+                    )
+            else:
+                children_raw = obj.get("manifests")
+                if not isinstance(children_raw, list):
+                    raise ManifestInvalid("manifests is not a list")
+                for i, x in enumerate(children_raw):
+                    child = Descriptor.from_json(x, f"manifests[{i}]")
+                    if not self._revision(repo, child.digest).exists():
+                        missing.append(child.digest)
+                if missing:
+                    raise ManifestBlobUnknown(
+                        f"index references {len(missing)} manifest(s) unknown to {repo}: "
+                        + ", ".join(missing[:5]),
+                        detail={"digests": missing},
+                    )
+            subject = None
+            if obj.get("subject") is not None:
+                subject = Descriptor.from_json(obj["subject"], "subject").digest
+        except FormatError as exc:
+            raise ManifestInvalid(str(exc)) from None
+        return links, subject
+
+    def _resolve(self, repo: str, reference: str) -> str | None:
+        """The digest a tag or digest reference stands for in ``repo``, if it has it."""
+        if is_digest(reference):
+            digest = check_blob_digest(reference)
+        else:
+            try:
+                digest = self._tag_file(repo, reference).read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except ManifestInvalid:
+                raise ManifestUnknown(
+                    f"invalid reference {reference!r}", detail={"reference": reference[:300]}
+                ) from None
+            try:
+                check_digest(digest)
+            except FormatError:
+                return None
+        return digest if self._revision(repo, digest).is_file() else None
+
+    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str] | None:
+        """(bytes, media type, digest) of a manifest by tag or digest, or None."""
+        digest = self._resolve(repo, reference)
+        if digest is None:
+            return None
+        try:
+            media_type = self._revision(repo, digest).read_text().strip()
+            data = self._blob_file(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, media_type, digest
+
+    def manifest_info(self, repo: str, reference: str) -> tuple[str, str, int] | None:
+        """(media type, digest, size) of a manifest, without reading it."""
+        digest = self._resolve(repo, reference)
+        if digest is None:
+            return None
+        try:
+            media_type = self._revision(repo, digest).read_text().strip()
+            size = self._blob_file(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+        return media_type, digest, size
+
+    def delete_manifest(self, repo: str, reference: str) -> None:
+        """Delete a tag (reference is a tag) or a manifest and every tag pointing to it."""
+        check_name(repo)
+        if not is_digest(reference):
+            path = self._tag_file(repo, reference)
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                raise ManifestUnknown(
+                    f"tag {reference} is not in {repo}", detail={"tag": reference}
+                ) from None
+            fsync_dir(path.parent)
+            return
+        digest = check_blob_digest(reference)
+        revision = self._revision(repo, digest)
+        if not revision.is_file():
+            raise ManifestUnknown(
+                f"manifest {digest} is not in {repo}", detail={"digest": digest}
+            )
+        for tag, target in self._tag_targets(repo):
+            if target == digest:
+                with contextlib.suppress(FileNotFoundError):
+                    (self._tags_dir(repo) / tag).unlink()
+        self._drop_referrer(repo, digest)
+        revision.unlink()
+        fsync_dir(revision.parent)
+        if self._tags_dir(repo).is_dir():
+            fsync_dir(self._tags_dir(repo))
+
+    def _tag_targets(self, repo: str) -> Iterator[tuple[str, str]]:
+        tags_dir = self._tags_dir(repo)
+        try:
+            names = os.listdir(tags_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            if TAG_RE.fullmatch(name):
+                try:
+                    yield name, (tags_dir / name).read_text().strip()
+                except FileNotFoundError:
+                    continue
+
+    def tags(self, repo: str) -> list[str]:
+        """The tags of ``repo``, sorted (NameUnknown if there is no such repository)."""
+        if not self.repo_exists(repo):
+            raise NameUnknown(f"repository {repo} is not known", detail={"name": repo})
+        return sorted(name for name, _ in self._tag_targets(repo))
+
+    def repositories(self) -> list[str]:
+        """Every repository (one with blobs or manifests), sorted."""
+        top = self.root / "repositories"
+        found: list[str] = []
+        for dirpath, dirnames, _ in os.walk(top):
+            if "_manifests" in dirnames or "_layers" in dirnames:
+                found.append(os.path.relpath(dirpath, top))
+            dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+        return sorted(found)
+
+    # -- referrers -----------------------------------------------------------------------
+
+    def _add_referrer(
+        self, repo: str, subject: str, obj: dict[str, Any], mtype: str, digest: str, size: int
+    ) -> None:
+        desc: dict[str, Any] = {"mediaType": mtype, "digest": digest, "size": size}
+        artifact_type = obj.get("artifactType")
+        if not artifact_type and mtype in _IMAGE_TYPES and isinstance(obj.get("config"), dict):
+            artifact_type = obj["config"].get("mediaType")
+        if isinstance(artifact_type, str) and artifact_type:
+            desc["artifactType"] = artifact_type
+        ann = obj.get("annotations")
+        if isinstance(ann, dict) and ann:
+            desc["annotations"] = ann
+        algo, hexd = digest.split(":", 1)
+        atomic_write(self._referrers_dir(repo, subject) / f"{algo}-{hexd}", json.dumps(desc).encode())
+
+    def _drop_referrer(self, repo: str, digest: str) -> None:
+        try:
+            obj = json.loads(self._blob_file(digest).read_bytes())
+            subject = obj["subject"]["digest"]
+            algo, hexd = digest.split(":", 1)
+            (self._referrers_dir(repo, subject) / f"{algo}-{hexd}").unlink()
+        except (OSError, ValueError, KeyError, TypeError, DigestInvalid):
+            return
+
+    def referrers(self, repo: str, subject: str, artifact_type: str | None = None) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in ``repo`` whose ``subject`` is ``subject``."""
+        folder = self._referrers_dir(repo, subject)
+        out: list[dict[str, Any]] = []
+        try:
+            names = sorted(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                desc = json.loads((folder / name).read_bytes())
+            except (FileNotFoundError, ValueError):
+                continue
+            if not self._revision(repo, desc["digest"]).is_file():
+                continue
+            if artifact_type is None or desc.get("artifactType") == artifact_type:
+                out.append(desc)
+        return out
+
+    # -- upload sessions -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self, uuid: str, repo: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """Hold upload ``uuid`` for one operation; yield (its folder, its state)."""
+        folder = self._upload_dir(uuid)
+        with self._lock:
+            if uuid in self._busy:
+                raise BlobUploadInvalid(
+                    f"upload {uuid} is busy with another request", detail={"uuid": uuid}
+                )
+            self._busy.add(uuid)
+        try:
+            try:
+                state = json.loads((folder / "state.json").read_bytes())
+            except (FileNotFoundError, NotADirectoryError, ValueError):
+                raise BlobUploadUnknown(f"unknown upload {uuid}", detail={"uuid": uuid}) from None
+            if repo is not None and state.get("repo") != repo:
+                raise BlobUploadUnknown(
+                    f"upload {uuid} does not belong to {repo}", detail={"uuid": uuid}
+                )
+            yield folder, state
+        finally:
+            with self._lock:
+                self._busy.discard(uuid)
+
+    def new_upload(self, repo: str) -> str:
+        """Start an upload session for ``repo``; return its id."""
+        check_name(repo)
+        uuid = str(uuidlib.uuid4())
+        folder = self._upload_dir(uuid)
+        folder.mkdir()
+        (folder / "data").touch()
+        atomic_write(folder / "state.json", json.dumps({"repo": repo, "created": time.time()}).encode())
+        return uuid
+
+    async def upload_append(
+        self,
+        uuid: str,
+        data_stream: bytes | Iterable[bytes] | AsyncIterable[bytes],
+        expected_offset: int | None = None,
+        *,
+        repo: str | None = None,
+    ) -> int:
+        """Append bytes to upload ``uuid``; return the new offset (bytes received in all).
+
+        ``expected_offset``: where the chunk starts (from Content-Range); RangeInvalid (416)
+        if the upload stands elsewhere. ``data_stream`` is bytes or a (sync or async) iterable
+        of byte chunks; every chunk received is kept, also when the stream breaks off, so a
+        client can ask where the upload stands and resume. Past max_blob_size: SizeInvalid.
+        """
+        with self._session(uuid, repo) as (folder, _state):
+            path = folder / "data"
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                offset = os.fstat(fd).st_size
+                if expected_offset is not None and expected_offset != offset:
+                    raise RangeInvalid(
+                        f"chunk starts at {expected_offset} but the upload is at {offset}",
+                        detail={"offset": offset, "start": expected_offset},
+                    )
+                entry = self._hashes.get(uuid)
+                h: Any = entry[1] if entry is not None and entry[0] == offset else None
+                if h is None and offset == 0:
+                    h = hashlib.sha256()
+                self._hashes.pop(uuid, None)
+                try:
+                    async for chunk in _chunks(data_stream):
+                        if offset + len(chunk) > self.max_blob_size:
+                            raise SizeInvalid(
+                                f"blob is larger than the limit of {self.max_blob_size} bytes",
+                                status=413,
+                                detail={"limit": self.max_blob_size},
+                            )
+                        _write_all(fd, chunk)
+                        offset += len(chunk)
+                        if h is not None:
+                            h.update(chunk)
+                            self._hashes[uuid] = (offset, h)
+                except BaseException:
+                    # keep what arrived; the running hash stays valid only if the file agrees
+                    if self._hashes.get(uuid, (-1,))[0] != os.fstat(fd).st_size:
+                        self._hashes.pop(uuid, None)
+                    raise
+            finally:
+                os.close(fd)
+            return offset
+
+    def upload_status(self, uuid: str, *, repo: str | None = None) -> UploadStatus:
+        with self._session(uuid, repo) as (folder, state):
+            st = (folder / "data").stat()
+            return UploadStatus(uuid, str(state["repo"]), st.st_size, float(state["created"]), st.st_mtime)
+
+    def upload_finish(self, uuid: str, digest: str, *, repo: str | None = None) -> None:
+        """Verify the upload's bytes against ``digest``, store and link the blob, end the session.
+
+        On a mismatch the session and its bytes are deleted and DigestInvalid is raised.
+        """
+        check_blob_digest(digest)
+        with self._session(uuid, repo) as (folder, state):
+            data = folder / "data"
+            algo = digest.split(":", 1)[0]
+            try:
+                entry = self._hashes.pop(uuid, None)
+                size = data.stat().st_size
+                if algo == "sha256" and entry is not None and entry[0] == size:
+                    actual = "sha256:" + entry[1].hexdigest()
+                else:
+                    actual, size = _hash_file(data, algo)
+                if actual != digest:
+                    raise DigestInvalid(
+                        f"uploaded content has digest {actual}, not {digest}",
+                        detail={"expected": digest, "actual": actual, "size": size},
+                    )
+                fd = os.open(data, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._publish(data, self._blob_file(digest))
+                self.link_blob(str(state["repo"]), digest)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def upload_cancel(self, uuid: str, *, repo: str | None = None) -> None:
+        with self._session(uuid, repo) as (folder, _state):
+            self._hashes.pop(uuid, None)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def expire_uploads(self, now: float | None = None) -> int:
+        """Delete upload sessions idle for longer than upload_ttl; return how many."""
+        now = time.time() if now is None else now
+        top = self.root / "uploads"
+        count = 0
+        for name in os.listdir(top):
+            path = top / name
+            if not _UUID_RE.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    if now - path.lstat().st_mtime > self.upload_ttl:
+                        if path.is_dir() and not path.is_symlink():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink()
+                continue
+            with self._lock:
+                if name in self._busy:
+                    continue
+                self._busy.add(name)
+            try:
+                last = 0.0
+                for p in (path, path / "data", path / "state.json"):
+                    with contextlib.suppress(OSError):
+                        last = max(last, p.stat().st_mtime)
+                if now - last > self.upload_ttl:
+                    shutil.rmtree(path, ignore_errors=True)
+                    self._hashes.pop(name, None)
+                    count += 1
+            finally:
+                with self._lock:
+                    self._busy.discard(name)
+        return count
+
+    def uploads(self) -> list[str]:
+        """Ids of the upload sessions present."""
+        return sorted(n for n in os.listdir(self.root / "uploads") if _UUID_RE.fullmatch(n))
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def clean_temporary_files(self, older_than: float = 0.0) -> int:
+        """Remove what a crash left behind (older than ``older_than`` seconds): temporary
+        files in blobs/ and folders in tmp/ (see scratch_dir)."""
+        now = time.time()
+        count = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root / "tmp"):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+                        count += 1
+        for algo_dir in (self.root / "blobs").iterdir():
+            for entry in os.scandir(algo_dir):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                            os.unlink(entry.path)
+                            count += 1
+        return count
+
+    def scratch_dir(self, prefix: str = "work") -> Path:
+        """A fresh private folder under ``ROOT/tmp`` for files that will be imported with
+        :meth:`import_blob` (same file system: a rename, no copy). The caller removes it;
+        leftovers of a crash are removed at the next start (clean_temporary_files)."""
+        top = self.root / "tmp"
+        top.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=top))
+
+    def garbage_collect(self, grace: float | None = None) -> int:
+        """Delete blobs no repository links any more; return how many.
+
+        Blobs younger than ``grace`` seconds (default: upload_ttl) are kept, so a blob that is
+        being pushed right now (stored, not yet linked) survives.
+        """
+        grace = self.upload_ttl if grace is None else grace
+        linked: set[str] = set()
+        top = self.root / "repositories"
+        for dirpath, dirnames, _ in os.walk(top):
+            for kind in ("_layers", "_manifests"):
+                if kind not in dirnames:
+                    continue
+                base = Path(dirpath) / kind
+                if kind == "_manifests":
+                    base = base / "revisions"
+                with contextlib.suppress(FileNotFoundError):
+                    for algo in os.listdir(base):
+                        for hexd in os.listdir(base / algo):
+                            linked.add(f"{algo}:{hexd}")
+            dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+        now = time.time()
+        count = 0
+        for algo_dir in (self.root / "blobs").iterdir():
+            for entry in os.scandir(algo_dir):
+                if entry.name.startswith("."):
+                    continue
+                if f"{algo_dir.name}:{entry.name}" in linked:
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime >= grace:
+                        os.unlink(entry.path)
+                        count += 1
+        return count
+
+
+async def _chunks(data: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterable[bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if data:
+            yield bytes(data)
+    elif isinstance(data, AsyncIterable):
+        async for chunk in data:
+            if chunk:
+                yield chunk
+    else:
+        for chunk in data:
+            if chunk:
+                yield chunk
