@@ -170,12 +170,12 @@ class Converter:
         work = scratch / "image"
         try:
             result = build(src, work, BuildConfig(tag=job.tag), progress=False)
+            raw = (work / "blobs" / "sha256" / result.manifest_digest.split(":", 1)[1]).read_bytes()
             for blob in sorted((work / "blobs" / "sha256").iterdir()):
                 blob_digest = "sha256:" + blob.name
                 if self.storage.blob_path(blob_digest) is None:
                     self.storage.import_blob(blob, blob_digest)
                 self.storage.link_blob(job.repo, blob_digest)
-            raw = (work / "blobs" / "sha256" / result.manifest_digest.split(":", 1)[1]).read_bytes()
             job.manifest = self.storage.put_manifest(job.repo, job.tag, raw, oci.OCI_MANIFEST)
             job.summary = {
                 "files": result.files,

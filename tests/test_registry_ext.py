@@ -1,0 +1,226 @@
+"""The turbo extensions (batch, missing, convert), the registry client, and ``turbofs push``,
+against a real turbofs registry and Debian's docker-registry started by the fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import pytest
+
+from index_builder.builder import build
+from tests.imagecheck import snapshot_index
+from tests.ocifixtures import TarEntry, diff_snapshots, write_oci_layout
+from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
+from turbofs.config import BuildConfig
+from turbofs.image import decompress_chunk, load_index, open_layout_image, parse_manifest
+from turbofs.push import push
+from turbofs.registry_client import RegistryClient
+
+CS = 64 * 1024
+# small blobs, so that a few-MB test image spreads over many of them, as a GB image does
+T = TypeVar("T")
+CFG: dict[str, Any] = {"chunk_size": CS, "blob_min": 64 * 1024, "blob_avg": 128 * 1024, "blob_max": 512 * 1024}
+
+
+def _data(seed: int, size: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
+        i += 1
+    return bytes(out[:size])
+
+
+def _layers(variant: int = 0) -> list[list[TarEntry]]:
+    small = [TarEntry(f"app/lib/m{i:03d}.py", data=_data(i, 500 + 97 * i)) for i in range(120)]
+    if variant:
+        small[60] = TarEntry("app/lib/m060.py", data=b"# changed\n" + _data(9999, 3000))
+    return [
+        [TarEntry("app", "dir"), TarEntry("app/lib", "dir"), *small],
+        [TarEntry("models", "dir"), *[TarEntry(f"models/w{i}.bin", data=_data(1000 + i, 5 * CS + 17)) for i in range(12)]],
+    ]
+
+
+def _source(tmp_path: Path, variant: int = 0, name: str = "src") -> Path:
+    return write_oci_layout(tmp_path / name, _layers(variant), config={"Entrypoint": ["/app/run"]}).layout
+
+
+def _turbo(tmp_path: Path, variant: int = 0) -> Path:
+    out = tmp_path / f"turbo{variant}"
+    build(f"oci:{_source(tmp_path, variant, f'src{variant}')}:latest", out, BuildConfig(**CFG), progress=False)
+    return out
+
+
+def _client_run(registry: str, fn: Callable[[RegistryClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with RegistryClient(registry) as client:
+            return await fn(client)
+
+    return anyio.run(main, backend="trio")
+
+
+def test_info_and_missing(turbofs_registry: TurbofsRegistry, tmp_path: Path) -> None:
+    info = httpx.get(f"{turbofs_registry.url}/v2/_turbofs/info").json()
+    assert set(info["extensions"]) == {"batch", "missing", "convert"}
+    img = open_layout_image(_turbo(tmp_path))
+    skopeo_copy(f"oci:{img.root}:latest", f"docker://{turbofs_registry.host_port}/a/turbo:v1", "--preserve-digests")
+    digests = [d.digest for d in img.manifest.blobs]
+    unknown = "sha256:" + "ab" * 32
+    r = httpx.post(f"{turbofs_registry.url}/v2/a/turbo/_turbofs/missing", json={"digests": [*digests, unknown, unknown]})
+    assert r.status_code == 200 and r.json() == {"missing": [unknown]}
+    # a blob stored for another repository needs no upload: the registry links it
+    r = httpx.post(f"{turbofs_registry.url}/v2/b/other/_turbofs/missing", json={"digests": [*digests[:2], unknown]})
+    assert r.json() == {"missing": [unknown]}
+    assert httpx.head(f"{turbofs_registry.url}/v2/b/other/blobs/{digests[0]}").status_code == 200
+    bad = httpx.post(f"{turbofs_registry.url}/v2/a/turbo/_turbofs/missing", json={"digests": ["sha256:nothex"]})
+    assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+def test_batch_fetch_serves_exact_chunks(turbofs_registry_factory: Callable[..., TurbofsRegistry], tmp_path: Path) -> None:
+    reg = turbofs_registry_factory(max_batch_ranges=64)
+    img = open_layout_image(_turbo(tmp_path))
+    skopeo_copy(f"oci:{img.root}:latest", f"docker://{reg.host_port}/batch/img:v1", "--preserve-digests")
+    chunks = list(img.index.chunks())
+    ranges = [{"digest": img.index.blob(c.blob).oci_digest, "offset": c.offset, "length": c.clen} for c in chunks[:50]]
+    r = httpx.post(f"{reg.url}/v2/batch/img/_turbofs/batch", json={"ranges": ranges})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/vnd.turbofs.batch.v1")
+    body = r.content
+    assert len(body) == sum(c.clen for c in chunks[:50])
+    pos = 0
+    for c in chunks[:50]:
+        assert decompress_chunk(c, body[pos : pos + c.clen])  # verified against the chunk digest
+        pos += c.clen
+    url = f"{reg.url}/v2/batch/img/_turbofs/batch"
+    first = ranges[0]
+    past = dict(first, offset=img.index.blob(chunks[0].blob).size - 1, length=10)
+    cases = [
+        ({"ranges": [dict(first, digest="sha256:" + "cd" * 32)]}, 404, "BLOB_UNKNOWN"),
+        ({"ranges": [past]}, 416, "RANGE_INVALID"),
+        ({"ranges": [dict(first, length=0)]}, 400, "BATCH_INVALID"),
+        ({"ranges": [first] * 65}, 400, "BATCH_INVALID"),
+        ({"nothing": 1}, 400, "BATCH_INVALID"),
+    ]
+    for payload, status, code in cases:
+        r = httpx.post(url, json=payload)
+        assert (r.status_code, r.json()["errors"][0]["code"]) == (status, code), payload
+    # a blob of another repository is not served through this one
+    skopeo_copy(f"oci:{img.root}:latest", f"docker://{reg.host_port}/batch/second:v1", "--preserve-digests")
+    assert httpx.post(f"{reg.url}/v2/batch/nothere/_turbofs/batch", json={"ranges": ranges[:1]}).status_code == 404
+
+
+@pytest.mark.parametrize("kind", ["turbofs", "distribution"])
+def test_client_reads_a_turbo_image_from_any_registry(
+    kind: str, turbofs_registry: TurbofsRegistry, distribution_registry: DistributionRegistry, tmp_path: Path
+) -> None:
+    """The node side needs only /v2/ manifests and blob Range requests: a turbo image copied
+    into Debian's docker-registry with skopeo reads back whole, chunk by chunk."""
+    reg = turbofs_registry if kind == "turbofs" else distribution_registry
+    img = open_layout_image(_turbo(tmp_path))
+    skopeo_copy(f"oci:{img.root}:latest", f"docker://{reg.host_port}/any/turbo:v1", "--preserve-digests")
+
+    async def fetch_all(client: RegistryClient) -> tuple[bool, dict[bytes, bytes]]:
+        raw, _mt, digest = await client.get_manifest("any/turbo", "v1")
+        manifest = parse_manifest(raw, digest)
+        index = load_index(manifest, await client.get_blob("any/turbo", manifest.index.digest))
+        chunks = list(index.chunks())
+        frames = await client.get_ranges(
+            "any/turbo", [(index.blob(c.blob).oci_digest, c.offset, c.clen) for c in chunks]
+        )
+        plain = {c.id: decompress_chunk(c, f) for c, f in zip(chunks, frames, strict=True)}
+        files = {}
+        for path, ino in index.walk():
+            if index.inode(ino).is_reg:
+                pieces = index.map_range(ino, 0, index.inode(ino).size)
+                files[path] = b"".join(
+                    bytes(p.length) if p.chunk is None else plain[p.chunk.id][p.chunk_offset : p.chunk_offset + p.length]
+                    for p in pieces
+                )
+        return await client.has_extension("batch"), files
+
+    batched, files = _client_run(reg.host_port, fetch_all)
+    assert batched == (kind == "turbofs")
+    for path, ino in img.index.walk():
+        if img.index.inode(ino).is_reg:
+            assert files[path] == img.read(ino), path
+
+
+def test_push_builds_then_sends_only_what_changed(turbofs_registry: TurbofsRegistry, tmp_path: Path) -> None:
+    target = f"{turbofs_registry.host_port}/team/app"
+    first = push(f"oci:{_source(tmp_path)}:latest", f"{target}:v1", build_config=BuildConfig(**CFG), progress=False)
+    assert first.built and first.blobs_sent == first.blobs_total and first.bytes_sent == first.bytes_total
+    # the pushed image is the one a local build makes, byte for byte
+    local = open_layout_image(_turbo(tmp_path))
+    assert first.manifest_digest == local.manifest.digest
+    skopeo_copy(f"docker://{target}:v1", f"oci:{tmp_path / 'back'}:v1")
+    assert diff_snapshots(snapshot_index(local), snapshot_index(open_layout_image(tmp_path / "back", "v1"))) == []
+    # one changed file: the index, the config and one or two chunk blobs travel, nothing else
+    second = push(f"oci:{_turbo(tmp_path, 1)}", f"{target}:v2", progress=False)
+    assert not second.built
+    assert second.blobs_total > 20
+    assert 2 <= second.blobs_sent <= 4
+    assert second.bytes_sent < 0.1 * second.bytes_total
+    again = push(f"oci:{tmp_path / 'turbo1'}", f"{target}:v3", progress=False)
+    assert again.blobs_sent == 0 and again.bytes_sent == 0
+
+
+def test_push_cli_to_a_standard_registry(distribution_registry: DistributionRegistry, tmp_path: Path) -> None:
+    turbo = _turbo(tmp_path)
+    target = f"{distribution_registry.host_port}/std/app:v1"
+    proc = subprocess.run([sys.executable, "-m", "turbofs.cli", "push", f"oci:{turbo}", target, "--parallel", "3"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "sent" in proc.stdout and "of" in proc.stdout
+    skopeo_copy(f"docker://{target}", f"oci:{tmp_path / 'back'}:v1")
+    assert open_layout_image(tmp_path / "back", "v1").manifest.digest == open_layout_image(turbo).manifest.digest
+    bad = subprocess.run([sys.executable, "-m", "turbofs.cli", "push", f"oci:{turbo}", "127.0.0.1:1/x:y"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "unreachable" in bad.stderr
+
+
+def _wait_job(url: str, timeout: float = 60.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, object] = httpx.get(url).json()
+        if job["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_server_side_conversion(turbofs_registry_factory: Callable[..., TurbofsRegistry], tmp_path: Path) -> None:
+    reg = turbofs_registry_factory(auto_convert=["auto/*"])
+    src = _source(tmp_path)
+    skopeo_copy(f"oci:{src}:latest", f"docker://{reg.host_port}/plain/app:v1", "--preserve-digests")
+    r = httpx.post(f"{reg.url}/v2/plain/app/_turbofs/convert", json={"reference": "v1"})
+    assert r.status_code == 202
+    job = _wait_job(reg.url + r.headers["Location"])
+    assert job["state"] == "done", job.get("error")
+    # the registry's conversion equals a local build of the same image
+    local = build(f"oci:{src}:latest", tmp_path / "local", BuildConfig(tag="v1-turbo"), progress=False)
+    assert job["manifest"] == local.manifest_digest
+    skopeo_copy(f"docker://{reg.host_port}/plain/app:v1-turbo", f"oci:{tmp_path / 'conv'}:x")
+    assert open_layout_image(tmp_path / "conv", "x").index.n_inodes == open_layout_image(tmp_path / "local").index.n_inodes
+    # errors are visible through the API
+    r = httpx.post(f"{reg.url}/v2/plain/app/_turbofs/convert", json={"reference": "nope"})
+    job = _wait_job(reg.url + r.headers["Location"])
+    assert job["state"] == "failed" and "nope" in str(job["error"])
+    r = httpx.post(f"{reg.url}/v2/plain/app/_turbofs/convert", json={"reference": "v1-turbo", "tag": "again"})
+    job = _wait_job(reg.url + r.headers["Location"])
+    assert job["state"] == "failed" and "already a turbo image" in str(job["error"])
+    assert httpx.post(f"{reg.url}/v2/plain/app/_turbofs/convert", json={"ref": 1}).status_code == 400
+    # automatic conversion for chosen repositories
+    skopeo_copy(f"oci:{src}:latest", f"docker://{reg.host_port}/auto/app:v7", "--preserve-digests")
+    deadline = time.monotonic() + 60
+    while "v7-turbo" not in httpx.get(f"{reg.url}/v2/auto/app/tags/list").json().get("tags", []):
+        assert time.monotonic() < deadline, "automatic conversion did not happen"
+        time.sleep(0.2)
+    skopeo_copy(f"oci:{src}:latest", f"docker://{reg.host_port}/manual/app:v7", "--preserve-digests")
+    time.sleep(1)
+    assert httpx.get(f"{reg.url}/v2/manual/app/tags/list").json()["tags"] == ["v7"]
