@@ -25,4 +25,26 @@ mkdir -p "$(dirname "$OUT")"
 .venv/bin/turbofs build "oci:$LAYOUT:latest" --output "$OUT" --force --verify
 
 say "turbo image: oci:$OUT:latest"
-skopeo inspect "oci:$OUT:latest"
+skopeo inspect "oci:$OUT:latest" | head -20
+
+# The embedded registry: loopback, local storage, its own port.
+REG_DIR="$(mktemp -d /tmp/turbofs-demo-registry.XXXXXX)"
+.venv/bin/turbofs serve --port 0 --storage "$REG_DIR/storage" >"$REG_DIR/serve.log" 2>&1 &
+REG_PID=$!
+cleanup() { kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; rm -rf "$REG_DIR"; }
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+    grep -q "listening on" "$REG_DIR/serve.log" && break
+    kill -0 "$REG_PID" 2>/dev/null || { cat "$REG_DIR/serve.log" >&2; exit 1; }
+    sleep 0.1
+done
+REGISTRY="$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$REG_DIR/serve.log")"
+say "registry: $(cat "$REG_DIR/serve.log")"
+
+say "pushing the turbo image: turbofs push oci:$OUT:latest $REGISTRY/demo/sample:latest"
+.venv/bin/turbofs push "oci:$OUT:latest" "$REGISTRY/demo/sample:latest"
+say "pushing it again under another tag: nothing to send"
+.venv/bin/turbofs push "oci:$OUT:latest" "$REGISTRY/demo/sample:again"
+say "the registry serves it to standard clients:"
+skopeo inspect --tls-verify=false "docker://$REGISTRY/demo/sample:latest" | head -12
+say "done"
