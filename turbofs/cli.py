@@ -10,7 +10,7 @@ from typing import Any
 
 from turbofs import __version__
 from turbofs.config import build_config
-from turbofs.errors import TurboError
+from turbofs.errors import TurboError, UsageError
 
 
 def _size(text: str) -> int:
@@ -96,7 +96,88 @@ def _parser() -> argparse.ArgumentParser:
         "print 'USER:HASH' for the registry's users file (turbofs serve --users FILE).",
     )
     pw.add_argument("user")
+
+    m = sub.add_parser(
+        "mount",
+        help="mount a turbo image lazily (FUSE); returns once the mount is ready",
+        description="Mount REF (REGISTRY/REPO:TAG, REGISTRY/REPO@DIGEST, or a local turbo layout "
+        "[oci:]DIR[:TAG]) read-only at MOUNTPOINT. Only the manifest and the index are fetched "
+        "before the mount is ready; file data comes on demand and by background prefetch.",
+    )
+    m.add_argument("ref")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+    m.add_argument("--wait", action="store_true", help="return only once the whole image is prefetched")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--creds", metavar="USER[:PASSWORD]", help="registry credentials (default: ~/.docker/config.json)")
+    m.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry (default for loopback)")
+    m.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
+    m.add_argument("--cache-dir", type=Path, help="disk cache folder (default /var/lib/turbofs/cache)")
+    m.add_argument("--disk-cache-size", type=_size, dest="disk_cache_bytes", help="disk cache bound (default 16G)")
+    m.add_argument("--ram-cache-size", type=_size, dest="ram_cache_bytes", help="RAM cache bound (default 256M)")
+    m.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="fetch the whole image in the background (default: yes)")
+    m.add_argument("--prefetch-bandwidth", type=_size, help="cap for background prefetch, bytes/s (default: none)")
+    m.add_argument("--read-timeout", type=float, help="seconds a read waits for the registry before EIO (default 30)")
+    m.add_argument("--run-dir", type=Path, help="state folder of mounts (default /run/turbofs/mounts)")
+
+    um = sub.add_parser("umount", help="unmount a turbofs mount and stop its daemon")
+    um.add_argument("mountpoint", type=Path)
+    um.add_argument("--run-dir", type=Path)
+
+    st = sub.add_parser("status", help="the state of a turbofs mount: prefetch progress, caches, errors")
+    st.add_argument("mountpoint", type=Path)
+    st.add_argument("--metrics", action="store_true", help="Prometheus text instead of JSON")
+    st.add_argument("--run-dir", type=Path)
     return p
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from turbofs.config import daemon_config
+    from turbofs.node import daemon
+
+    cfg = daemon_config(
+        args.config,
+        cache_dir=args.cache_dir,
+        disk_cache_bytes=args.disk_cache_bytes,
+        ram_cache_bytes=args.ram_cache_bytes,
+        prefetch=args.prefetch,
+        prefetch_bandwidth=args.prefetch_bandwidth,
+        read_timeout=args.read_timeout,
+    )
+    if not args.mountpoint.is_dir() and not daemon.is_stale_mount(str(args.mountpoint)):
+        raise UsageError(f"{args.mountpoint}: mountpoint is not a directory")
+    req = daemon.MountRequest(
+        ref=args.ref,
+        mountpoint=args.mountpoint.absolute(),
+        cfg=cfg,
+        run_dir=args.run_dir or daemon.DEFAULT_RUN_DIR,
+        auth=None if daemon.split_local_ref(args.ref) else _client_auth(args.ref, args.creds),
+        scheme="http" if args.plain_http else None,
+        platform=args.platform,
+    )
+    if args.foreground:
+        daemon.run_foreground(req, args.ready_fd)
+        return 0
+    argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
+    pid = daemon.mount_background([a for a in argv if a != "--wait"], req, wait=args.wait)
+    print(f"mounted {args.ref} at {req.mountpoint} (daemon pid {pid})")
+    return 0
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from turbofs.node import daemon
+
+    daemon.unmount(args.mountpoint.absolute(), args.run_dir or daemon.DEFAULT_RUN_DIR)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from turbofs.node import daemon
+
+    print(daemon.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
+                       args.run_dir or daemon.DEFAULT_RUN_DIR))
+    return 0
 
 
 def _cmd_passwd(args: argparse.Namespace) -> int:
@@ -184,6 +265,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     try:
         if args.command == "build":
             return _cmd_build(args)
@@ -193,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_passwd(args)
         if args.command == "push":
             return _cmd_push(args)
+        if args.command == "mount":
+            return _cmd_mount(args)
+        if args.command == "umount":
+            return _cmd_umount(args)
+        if args.command == "status":
+            return _cmd_status(args)
     except TurboError as exc:
         print(f"turbofs: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,339 @@
+"""``turbofs mount``: the node daemon's life, from the index to an unmounted mountpoint.
+
+::
+
+    turbofs mount REF MP          parent: spawns the daemon, waits for "ready" on a pipe, exits
+      └─ turbofs mount --foreground   the daemon (trio):
+           open_image (manifest + index only) -> ChunkReader -> TurboFS -> pyfuse3.init
+           nursery: pyfuse3.main | handshake + readahead | control socket | prefetch | signals
+    turbofs status MP             asks the daemon's control socket for its status (JSON)
+    turbofs umount MP             unmounts; the daemon sees the unmount and exits
+
+Every mount has a small state folder, ``<run_dir>/<key>/`` (key: a hash of the mountpoint):
+``pid``, ``control.sock``, ``daemon.log``. A mountpoint left behind by a killed daemon
+(ENOTCONN) is detected and lazily unmounted by the next ``turbofs mount`` on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import pyfuse3
+import trio
+
+from turbofs.config import DaemonConfig
+from turbofs.errors import TurboError, UsageError
+from turbofs.node.cache import ChunkCache
+from turbofs.node.fusefs import TurboFS, fuse_options, is_stale_mount
+from turbofs.node.metrics import NodeMetrics
+from turbofs.node.prefetch import Prefetcher
+from turbofs.node.reader import ChunkReader
+from turbofs.node.source import open_image, split_local_ref
+
+log = logging.getLogger("turbofs.daemon")
+
+DEFAULT_RUN_DIR: Final = Path("/run/turbofs/mounts")
+READY_TIMEOUT: Final = 120.0
+UMOUNT_TIMEOUT: Final = 30.0
+
+
+@dataclass
+class MountRequest:
+    ref: str
+    mountpoint: Path
+    cfg: DaemonConfig
+    run_dir: Path = DEFAULT_RUN_DIR
+    auth: Any = None
+    scheme: str | None = None
+    platform: str | None = None
+    attr_timeout: float = 3600.0
+    readahead_kb: int = 1024
+    allow_other: bool = True
+
+
+def state_dir(run_dir: Path, mountpoint: Path) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    return run_dir / key
+
+
+def clean_stale(mountpoint: Path) -> bool:
+    """Lazily unmount a mountpoint whose daemon died; True if there was one."""
+    if not is_stale_mount(str(mountpoint)):
+        return False
+    log.warning("%s: a mount left by a dead daemon: unmounting it", mountpoint)
+    for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        with contextlib.suppress(OSError):
+            if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+                return True
+    raise TurboError(f"{mountpoint}: a stale mount could not be removed")
+
+
+def _set_readahead(mountpoint: Path, kb: int) -> None:
+    st = os.stat(mountpoint)
+    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{kb}\n")
+    except OSError as exc:
+        log.warning("%s: could not raise readahead to %d KiB: %s", mountpoint, kb, exc)
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, req: MountRequest, notify: Callable[[str], None]) -> None:
+        self.req = req
+        self.notify = notify
+        self.metrics = NodeMetrics()
+        self.state = state_dir(req.run_dir, req.mountpoint)
+        self.started = time.time()
+        self.reader: ChunkReader | None = None
+        self.prefetcher: Prefetcher | None = None
+        self.ops: TurboFS | None = None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ref": self.req.ref,
+            "mountpoint": str(self.req.mountpoint),
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+        }
+        if self.reader is not None:
+            out["cache"] = dataclasses.asdict(self.reader.cache.counts())
+            out["in_flight"] = self.reader.in_flight
+        if self.prefetcher is not None:
+            out["prefetch"] = dataclasses.asdict(self.prefetcher.progress())
+        if self.ops is not None:
+            out["fuse_requests"] = dict(self.ops.counts)
+        return out
+
+    async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.state / "control.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+                while b"\n" not in data and len(data) < 1024:
+                    piece = await stream.receive_some(1024)
+                    if not piece:
+                        break
+                    data += piece
+                cmd = data.strip().decode(errors="replace")
+                if cmd == "metrics":
+                    reply = self.metrics.render()
+                else:
+                    reply = json.dumps(self.status(), default=str)
+                await stream.send_all(reply.encode())
+                await stream.aclose()
+
+        await trio.serve_listeners(handle, [listener])
+
+    async def _handshake(self) -> None:
+        """Wait until the kernel finished FUSE_INIT (a stat answers), then tune and report."""
+        await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
+        if self.req.readahead_kb:
+            await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
+        self.notify("ready")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting %s", signum, self.req.mountpoint)
+                pyfuse3.terminate()
+                return
+
+    async def _prefetch(self) -> None:
+        assert self.prefetcher is not None
+        await self.prefetcher.run()
+        self.notify("prefetched")
+
+    async def run(self) -> None:
+        req = self.req
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "pid").write_text(f"{os.getpid()}\n")
+        clean_stale(req.mountpoint)
+        opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
+        cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
+        name = f"turbofs:{req.ref}"[:200].replace(",", "_")
+        try:
+            async with ChunkReader(opened.index, opened.source, cache, req.cfg, metrics=self.metrics, name=req.ref) as reader:
+                self.reader = reader
+                self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
+                if req.cfg.prefetch and req.cfg.cache_dir is not None:
+                    self.prefetcher = Prefetcher(reader, req.cfg)
+                pyfuse3.init(self.ops, str(req.mountpoint), fuse_options(name, allow_other=req.allow_other))
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self._control)
+                        nursery.start_soon(self._signals)
+                        nursery.start_soon(self._handshake)
+                        if self.prefetcher is not None:
+                            nursery.start_soon(self._prefetch)
+                        await pyfuse3.main()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    pyfuse3.close(unmount=True)
+        finally:
+            await opened.source.aclose()
+            for leftover in ("control.sock", "pid"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state / leftover).unlink()
+
+
+def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:
+    """Run the daemon in this process until the mount goes away."""
+    out = os.fdopen(ready_fd, "w", buffering=1) if ready_fd is not None else None
+
+    def notify(event: str) -> None:
+        if out is not None:
+            with contextlib.suppress(OSError):
+                out.write(event + "\n")
+                out.flush()
+        else:
+            print(f"turbofs: {event}: {req.ref} at {req.mountpoint}", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(Daemon(req, notify).run)
+    finally:
+        if out is not None:
+            with contextlib.suppress(OSError):
+                out.close()
+
+
+# -- the commands ----------------------------------------------------------------------
+
+
+def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool) -> int:
+    """Start the daemon as a detached process and return once the mount is ready."""
+    state = state_dir(req.run_dir, req.mountpoint)
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = state / "daemon.log"
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "turbofs.cli", *argv_tail, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            pass_fds=(write_fd,), start_new_session=True,
+        )
+    os.close(write_fd)
+    seen: set[str] = set()
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as events:
+        while True:
+            if "ready" in seen and (not wait or "prefetched" in seen):
+                break
+            # no deadline once mounted: a full prefetch (--wait) takes as long as it takes
+            left = None if "ready" in seen else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                proc.kill()
+                break
+            ready, _, _ = select.select([events], [], [], left)
+            if not ready:
+                continue
+            piece = events.read(4096)
+            if not piece:
+                break  # the daemon exited
+            buf += piece
+            *lines, buf = buf.split(b"\n")
+            seen.update(line.decode().strip() for line in lines)
+    if "ready" not in seen:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        reason = next((ln.split("error: ", 1)[1] for ln in reversed(tail) if "error: " in ln), " / ".join(tail))
+        raise TurboError(f"mount of {req.ref} at {req.mountpoint} failed: {reason} (log: {log_path})")
+    if wait and "prefetched" not in seen:
+        raise TurboError(f"{req.ref}: the daemon stopped before the prefetch completed (log: {log_path})")
+    return proc.pid
+
+
+def unmount(mountpoint: Path, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = UMOUNT_TIMEOUT) -> None:
+    """Unmount ``mountpoint`` and wait for its daemon to exit."""
+    state = state_dir(run_dir, mountpoint)
+    pid = None
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        pid = int((state / "pid").read_text().strip())
+    if not os.path.ismount(mountpoint) and not is_stale_mount(str(mountpoint)):
+        if pid is None:
+            raise UsageError(f"{mountpoint} is not mounted")
+    else:
+        for argv in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                break
+        else:
+            if is_stale_mount(str(mountpoint)):
+                clean_stale(mountpoint)
+            else:
+                raise TurboError(f"{mountpoint}: unmount failed: {proc.stderr.strip()} (busy?)")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def query(mountpoint: Path, what: str = "status", run_dir: Path = DEFAULT_RUN_DIR) -> str:
+    """Ask the daemon of ``mountpoint`` for its status (JSON) or metrics (Prometheus text)."""
+    import socket
+
+    path = state_dir(run_dir, mountpoint) / "control.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(what.encode() + b"\n")
+        chunks = []
+        while piece := s.recv(65536):
+            chunks.append(piece)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            raise UsageError(f"{mountpoint}: no turbofs daemon serves this mountpoint") from None
+        raise
+    finally:
+        s.close()
+    return b"".join(chunks).decode()
+
+
+__all__ = [
+    "DEFAULT_RUN_DIR",
+    "MountRequest",
+    "is_stale_mount",
+    "mount_background",
+    "query",
+    "run_foreground",
+    "split_local_ref",
+    "unmount",
+]

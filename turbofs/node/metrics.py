@@ -1,0 +1,301 @@
+"""Counters, gauges and histograms of the node daemon, rendered in Prometheus text format.
+
+A small, dependency-free implementation of the parts of the Prometheus exposition format
+(version 0.0.4) the daemon needs: ``# HELP`` and ``# TYPE`` lines, then one
+``name{label="value",...} value`` line per series; histograms as cumulative
+``_bucket{le=...}``, ``_sum`` and ``_count``. Metrics are updated from the trio thread;
+values owned by other threads (the disk cache's counters) are read at render time through
+collector callbacks.
+
+:class:`NodeMetrics` holds the daemon's metrics; :class:`MeteredTransport` wraps an httpx
+transport to count registry requests and the failures the client retries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+import httpx
+
+#: Fetch latency buckets, seconds: a local registry answers in a millisecond, a remote one
+#: in tens, a struggling one in seconds.
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: HTTP statuses the registry client retries (429, 5xx, timeouts): each one counted is a retry
+#: unless the client's attempts were used up.
+RETRIED_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+_NAME_RE: Final = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+Labels = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _series(name: str, labelnames: Sequence[str], values: Labels, extra: str = "") -> str:
+    parts = [f'{k}="{_escape(v)}"' for k, v in zip(labelnames, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return f"{name}{{{','.join(parts)}}}" if parts else name
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"invalid metric name {name!r}")
+        for label in labelnames:
+            if not _LABEL_RE.match(label) or label == "le":
+                raise ValueError(f"invalid label name {label!r}")
+        self.name = name
+        self.help = help
+        self.labelnames = tuple(labelnames)
+
+    def _key(self, labels: dict[str, str]) -> Labels:
+        try:
+            if len(labels) == len(self.labelnames):
+                return tuple([str(labels[k]) for k in self.labelnames])
+        except KeyError:
+            pass
+        raise ValueError(f"{self.name}: labels {sorted(labels)}, expected {sorted(self.labelnames)}")
+
+    def samples(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def render(self) -> list[str]:
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}", *self.samples()]
+
+
+class Counter(_Metric):
+    """A value that only goes up (per label set)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[Labels, float] = {}
+        if not self.labelnames:
+            self._values[()] = 0.0
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: a counter cannot go down")
+        key = self._key(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> Iterable[str]:
+        for key, v in sorted(self._values.items()):
+            yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
+
+
+class Gauge(_Metric):
+    """A value that goes up and down; or, with ``collect``, one read at render time."""
+
+    kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[Labels, float] = {}
+        self._collect = collect
+
+    def set(self, value: float, **labels: str) -> None:
+        self._values[self._key(labels)] = float(value)
+
+    def value(self, **labels: str) -> float:
+        key = self._key(labels)
+        if self._collect is not None:
+            return dict(self._collect()).get(key, 0.0)
+        return self._values.get(key, 0.0)
+
+    def samples(self) -> Iterable[str]:
+        items = dict(self._collect()) if self._collect is not None else self._values
+        for key, v in sorted(items.items()):
+            yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
+
+
+class Histogram(_Metric):
+    """Observations counted into cumulative buckets, with their sum and count."""
+
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self.buckets = tuple(sorted(buckets))
+        self._data: dict[Labels, tuple[list[int], list[float]]] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        counts, total = self._data.setdefault(key, ([0] * (len(self.buckets) + 1), [0.0]))
+        i = 0
+        while i < len(self.buckets) and value > self.buckets[i]:
+            i += 1
+        counts[i] += 1
+        total[0] += value
+
+    def count(self, **labels: str) -> int:
+        data = self._data.get(self._key(labels))
+        return sum(data[0]) if data else 0
+
+    def samples(self) -> Iterable[str]:
+        for key, (counts, total) in sorted(self._data.items()):
+            running = 0
+            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
+                running += n
+                le = 'le="' + _fmt(bound) + '"'
+                yield f"{_series(self.name + '_bucket', self.labelnames, key, le)} {running}"
+            yield f"{_series(self.name + '_sum', self.labelnames, key)} {_fmt(total[0])}"
+            yield f"{_series(self.name + '_count', self.labelnames, key)} {running}"
+
+
+class Registry:
+    """A set of metrics rendered together."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+
+    def add(self, metric: _Metric) -> None:
+        if metric.name in self._metrics:
+            raise ValueError(f"metric {metric.name} registered twice")
+        self._metrics[metric.name] = metric
+
+    def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
+        m = Counter(name, help, labelnames)
+        self.add(m)
+        return m
+
+    def gauge(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> Gauge:
+        m = Gauge(name, help, labelnames, collect)
+        self.add(m)
+        return m
+
+    def histogram(
+        self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> Histogram:
+        m = Histogram(name, help, labelnames, buckets)
+        self.add(m)
+        return m
+
+    def render(self) -> str:
+        """The Prometheus text exposition of every metric."""
+        lines: list[str] = []
+        for metric in self._metrics.values():
+            lines.extend(metric.render())
+        return "\n".join(lines) + "\n"
+
+
+class NodeMetrics(Registry):
+    """The node daemon's metrics. Labels: ``kind`` is demand | readahead | prefetch, ``tier``
+    is ram | disk, ``source`` is network | disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetch_seconds = self.histogram(
+            "turbofs_fetch_seconds", "Latency of one fetch of chunks from the chunk source.", ["kind"]
+        )
+        self.fetch_bytes = self.counter(
+            "turbofs_fetch_bytes_total", "Compressed bytes fetched from the chunk source.", ["kind"]
+        )
+        self.fetch_chunks = self.counter(
+            "turbofs_fetch_chunks_total", "Chunks fetched from the chunk source.", ["kind"]
+        )
+        self.cache_hits = self.counter("turbofs_cache_hits_total", "Chunk lookups answered by a cache tier.", ["tier"])
+        self.cache_misses = self.counter("turbofs_cache_misses_total", "Chunk lookups a cache tier could not answer.", ["tier"])
+        self.http_requests = self.counter(
+            "turbofs_registry_requests_total", "HTTP requests to the registry, by status class.", ["code"]
+        )
+        self.retries = self.counter(
+            "turbofs_registry_retries_total",
+            "Registry answers and connection errors the client retries (429, 5xx, timeouts, resets).",
+        )
+        self.digest_failures = self.counter(
+            "turbofs_digest_failures_total", "Chunks whose bytes did not match their digest.", ["source"]
+        )
+        self.refetches = self.counter("turbofs_refetches_total", "Chunks fetched again after a digest failure.")
+        self.errors = self.counter(
+            "turbofs_read_errors_total", "Reads that failed (each became EIO).", ["kind"]
+        )
+        self.readahead_chunks = self.counter(
+            "turbofs_readahead_chunks_total", "Chunks fetched ahead of sequential reads."
+        )
+        self.reads = self.counter("turbofs_reads_total", "Reads served.")
+        self.read_bytes = self.counter("turbofs_read_bytes_total", "Bytes returned by reads.")
+        self._prefetch: dict[str, Callable[[], dict[str, float]]] = {}
+        self.gauge(
+            "turbofs_prefetch", "Background prefetch of each image: chunks and compressed bytes done and total.",
+            ["image", "what"], collect=self._collect_prefetch,
+        )
+
+    def track_prefetch(self, image: str, figures: Callable[[], dict[str, float]]) -> None:
+        """Export a prefetcher's figures (``{"chunks_done": ..., ...}``) under its image name."""
+        self._prefetch[image] = figures
+
+    def _collect_prefetch(self) -> list[tuple[Labels, float]]:
+        return [((image, what), value) for image, fn in self._prefetch.items() for what, value in fn().items()]
+
+
+class MeteredTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that counts requests, statuses and retried failures, then delegates."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, metrics: NodeMetrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            resp = await self.inner.handle_async_request(request)
+        except httpx.TransportError:
+            self.metrics.http_requests.inc(code="error")
+            self.metrics.retries.inc()
+            raise
+        self.metrics.http_requests.inc(code=f"{resp.status_code // 100}xx")
+        if resp.status_code in RETRIED_STATUS:
+            self.metrics.retries.inc()
+        return resp
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "MeteredTransport",
+    "NodeMetrics",
+    "Registry",
+]

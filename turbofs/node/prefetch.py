@@ -1,0 +1,291 @@
+"""Background prefetch: every chunk of an image into the disk tier, in the index's order.
+
+The index's prefetch order puts first what a process start is likely to read. The
+:class:`Prefetcher` walks it in batches (consecutive chunks, up to ``prefetch_batch_bytes``
+compressed, which are mostly adjacent in one blob: one range each), with at most
+``prefetch_parallel`` batches in flight and, optionally, a bandwidth cap (a token bucket in
+compressed bytes per second). It goes through :meth:`ChunkReader.prefetch`, so it shares the
+reader's single-flight table: a chunk a read is already fetching is joined, not fetched
+twice, and chunks go to disk only (not RAM). A chunk already cached (RAM or disk) counts
+as done without a fetch.
+
+Demand reads jump the queue: prefetch fetches take their own slots (never the readers'),
+and no new batch starts while a read waits for a chunk. A failed batch (registry down,
+5xx past the client's retries) is retried after an exponential backoff with jitter, for as
+long as it takes; a chunk that is corrupt twice is counted and skipped. Prefetch stops
+once it has written ``prefetch_disk_share`` of the disk bound, since going on would evict
+the chunks it fetched first, the most useful ones.
+
+:meth:`Prefetcher.progress` gives a :class:`PrefetchProgress` for ``turbofs status``;
+:meth:`Prefetcher.wait_done` waits for the end.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from turbofs.config import DaemonConfig
+from turbofs.errors import DigestMismatch
+from turbofs.format import Chunk
+from turbofs.node.reader import ChunkReader
+
+log = logging.getLogger("turbofs.node.prefetch")
+
+
+class PrefetchState(enum.StrEnum):  # a str: JSON-friendly for ``turbofs status``
+    WAITING = "waiting"  # not started
+    RUNNING = "running"
+    PAUSED = "paused"  # a demand read is waiting
+    BACKOFF = "backoff"  # after a failed fetch
+    DONE = "done"
+    STOPPED = "stopped"  # reached its share of the disk cache bound
+    DISABLED = "disabled"  # no disk tier, or prefetch turned off
+
+
+@dataclass(frozen=True)
+class PrefetchProgress:
+    """Where a prefetch stands. Bytes are compressed bytes (what crosses the network)."""
+
+    state: PrefetchState
+    chunks_total: int
+    chunks_done: int  # on disk: fetched now, or found there
+    chunks_fetched: int  # fetched by this prefetcher
+    chunks_failed: int  # given up (wrong digest twice)
+    bytes_total: int
+    bytes_done: int
+    bytes_fetched: int
+    errors: int  # failed fetches, each retried after a backoff
+    elapsed: float  # seconds since the start
+    bytes_per_second: float  # fetched bytes / elapsed
+    chunks_per_second: float
+    last_error: str | None
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (PrefetchState.DONE, PrefetchState.STOPPED, PrefetchState.DISABLED)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; taking more than there are
+    goes into debt, and the taker sleeps until the debt is paid (so the long-run rate holds
+    for requests of any size)."""
+
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = trio.current_time) -> None:
+        if rate <= 0 or burst < 0:
+            raise ValueError("rate must be positive, burst not negative")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last: float | None = None
+
+    async def acquire(self, n: float) -> None:
+        now = self._clock()
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self.rate)
+
+
+#: Seconds of the bandwidth cap that may be spent at once after an idle spell.
+BUCKET_BURST_SECONDS = 0.25
+
+
+class Prefetcher:
+    """Prefetch of one image's chunks into the disk tier, through its reader."""
+
+    def __init__(
+        self,
+        reader: ChunkReader,
+        cfg: DaemonConfig | None = None,
+        *,
+        order: Sequence[int] | None = None,
+    ) -> None:
+        self.reader = reader
+        self.cfg = (cfg or reader.cfg).validate()
+        index = reader.index
+        ids = order if order is not None else index.prefetch_order()
+        self._chunks = [index.chunk(i) for i in dict.fromkeys(ids)]
+        self._bytes_total = sum(c.clen for c in self._chunks)
+        self._state = PrefetchState.WAITING
+        self._done = trio.Event()
+        self._start: float | None = None
+        self._end: float | None = None
+        self.chunks_done = 0
+        self.chunks_fetched = 0
+        self.chunks_failed = 0
+        self.bytes_done = 0
+        self.bytes_fetched = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._written = 0  # disk usage this prefetcher added
+        self._stop = False
+        self._paused = 0
+        self._backing_off = 0
+        self._bucket = (
+            TokenBucket(self.cfg.prefetch_bandwidth, self.cfg.prefetch_bandwidth * BUCKET_BURST_SECONDS)
+            if self.cfg.prefetch_bandwidth
+            else None
+        )
+        reader.metrics.track_prefetch(reader.name, self._figures)
+
+    # -- status
+
+    def _figures(self) -> dict[str, float]:
+        p = self.progress()
+        return {
+            "chunks_done": p.chunks_done, "chunks_total": p.chunks_total, "chunks_failed": p.chunks_failed,
+            "bytes_done": p.bytes_done, "bytes_total": p.bytes_total, "bytes_fetched": p.bytes_fetched,
+            "errors": p.errors,
+        }
+
+    def progress(self) -> PrefetchProgress:
+        state = self._state
+        if state is PrefetchState.RUNNING:
+            if self._backing_off:
+                state = PrefetchState.BACKOFF
+            elif self._paused:
+                state = PrefetchState.PAUSED
+        if self._start is None:
+            elapsed = 0.0
+        else:
+            elapsed = (self._end if self._end is not None else trio.current_time()) - self._start
+        return PrefetchProgress(
+            state, len(self._chunks), self.chunks_done, self.chunks_fetched, self.chunks_failed,
+            self._bytes_total, self.bytes_done, self.bytes_fetched, self.errors, elapsed,
+            self.bytes_fetched / elapsed if elapsed > 0 else 0.0,
+            self.chunks_fetched / elapsed if elapsed > 0 else 0.0,
+            self.last_error,
+        )
+
+    async def wait_done(self) -> PrefetchProgress:
+        await self._done.wait()
+        return self.progress()
+
+    # -- the work
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prefetch everything (or up to the disk share); returns when finished."""
+        self._start = trio.current_time()
+        try:
+            if not self.cfg.prefetch or self.reader.cache.disk is None:
+                self._state = PrefetchState.DISABLED
+                task_status.started()
+                return
+            self._state = PrefetchState.RUNNING
+            task_status.started()
+            batches = self._batches()
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.cfg.prefetch_parallel):
+                    nursery.start_soon(self._worker, batches)
+            self._state = PrefetchState.STOPPED if self._stop else PrefetchState.DONE
+            p = self.progress()
+            log.info(
+                "%s: prefetch %s: %d of %d chunks, %.1f of %.1f MB, %.1f s",
+                self.reader.name, p.state.value, p.chunks_done, p.chunks_total,
+                p.bytes_done / 1e6, p.bytes_total / 1e6, p.elapsed,
+            )
+        finally:
+            self._end = trio.current_time()
+            self._done.set()
+
+    def _done_chunk(self, c: Chunk, *, fetched: bool) -> None:
+        self.chunks_done += 1
+        self.bytes_done += c.clen
+        if fetched:
+            self.chunks_fetched += 1
+            self.bytes_fetched += c.clen
+            self._written += c.ulen  # disk usage: the disk tier holds uncompressed chunks
+
+    def _batches(self) -> Iterator[list[Chunk]]:
+        """Consecutive chunks of the order not cached yet, ``prefetch_batch_bytes`` at most
+        per batch. Lazy: what reads cached meanwhile is skipped."""
+        cache = self.reader.cache
+        batch: list[Chunk] = []
+        size = 0
+        for c in self._chunks:
+            if self._stop:
+                return
+            if cache.contains(c):
+                self._done_chunk(c, fetched=False)
+                continue
+            if batch and size + c.clen > self.cfg.prefetch_batch_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(c)
+            size += c.clen
+        if batch and not self._stop:
+            yield batch
+
+    async def _worker(self, batches: Iterator[list[Chunk]]) -> None:
+        for batch in batches:
+            await self._fetch_batch(batch)
+            if self._stop:
+                return
+
+    async def _fetch_batch(self, batch: list[Chunk]) -> None:
+        reader = self.reader
+        disk = reader.cache.disk
+        attempt = 0
+        while batch:
+            if reader.demand_waiting:
+                self._paused += 1
+                try:
+                    await reader.wait_demand_idle()
+                finally:
+                    self._paused -= 1
+            if self._bucket is not None:
+                await self._bucket.acquire(sum(c.clen for c in batch))
+            todo = []
+            for c in batch:
+                if reader.cache.contains(c):
+                    self._done_chunk(c, fetched=False)
+                else:
+                    todo.append(c)
+            if not todo:
+                return
+            results = await reader.prefetch(todo)
+            retry = []
+            for c, err in zip(todo, results, strict=True):
+                if err is None:
+                    self._done_chunk(c, fetched=True)
+                elif isinstance(err, DigestMismatch):
+                    self.chunks_failed += 1
+                    self.errors += 1
+                    self.last_error = f"chunk {c.id}: {err}"
+                else:
+                    retry.append(c)
+                    self.last_error = f"{type(err).__name__}: {err}"
+            if disk is not None and self._written >= disk.max_bytes * self.cfg.prefetch_disk_share:
+                self._stop = True
+                return
+            if retry:
+                self.errors += 1
+                attempt += 1
+                cap = min(self.cfg.prefetch_backoff_max, self.cfg.prefetch_backoff * 2 ** (attempt - 1))
+                delay = cap / 2 + random.uniform(0, cap / 2)
+                log.warning(
+                    "%s: prefetch of %d chunks failed (%s); again in %.1f s",
+                    reader.name, len(retry), self.last_error, delay,
+                )
+                self._backing_off += 1
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    self._backing_off -= 1
+            batch = retry
+
+
+__all__ = ["BUCKET_BURST_SECONDS", "PrefetchProgress", "PrefetchState", "Prefetcher", "TokenBucket"]

@@ -1,0 +1,468 @@
+"""Reads of file bytes: chunk map -> cache (RAM, then disk) -> source, with single-flight.
+
+``read(ino, offset, length)``::
+
+    map_range -> slices of chunks (holes read as zeros)
+      -> RAM tier hit: slice the decompressed chunk (no await, no thread)
+      -> else join or start a *flight* for the chunk, wait (at most read_timeout):
+           disk tier (decompress + verify) or source.fetch (coalesced ranges)
+           -> decompress ONCE + sha256 check -> disk tier (+ RAM) -> every waiter
+
+Chunk states are explicit: ``MISSING -> FETCHING -> CACHED``, and a failed fetch goes
+back to ``MISSING`` (:class:`ChunkState`; a flight refuses any other transition).
+FETCHING covers loading from the disk tier too: a chunk counts as cached in RAM or on
+disk, and a read of a chunk found on disk only waits on a (short) flight like any other. One
+flight per chunk however many readers wait (a ``trio.Event``); its result or its error
+reaches all of them. A chunk whose bytes do not match its digest is fetched once more,
+then the read fails with :class:`~turbofs.node.errors.ChunkCorrupt`: wrong bytes are never
+returned and never cached. A read that waits longer than ``read_timeout`` fails with
+:class:`~turbofs.node.errors.FetchTimeout`, naming the image, the file, the chunk and the
+cause; the fetch itself goes on (bounded by ``fetch_timeout``) for whoever asks next.
+
+Fetches run in the reader's own nursery, so a reader that gives up (timeout, interrupted
+FUSE request) never cancels the fetch others wait on. Demand fetches (and readahead)
+have their own slot budget (``demand_parallel``); prefetch (:mod:`turbofs.node.prefetch`)
+has another and pauses while demand reads wait, so demand reads always jump the queue.
+Sequential reads of a file (``readahead_trigger`` in a row) fetch the next
+``readahead_chunks`` chunks ahead into RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import trio
+from lru import LRU
+
+from turbofs.config import DaemonConfig
+from turbofs.errors import DigestMismatch, FormatError
+from turbofs.format import Chunk, Index
+from turbofs.node.cache import ChunkCache, VerifiedChunk, decode_frame
+from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
+from turbofs.node.metrics import NodeMetrics
+from turbofs.node.source import ChunkSource
+
+log = logging.getLogger("turbofs.node.reader")
+
+#: Files whose read pattern is remembered for sequential-read detection.
+SEQ_TRACKED_FILES: Final = 4096
+#: Source failures younger than this (seconds) are named in a timeout's message.
+RECENT_FAILURE: Final = 120.0
+
+
+class FetchKind(enum.StrEnum):
+    DEMAND = "demand"  # a read waits for it
+    READAHEAD = "readahead"  # a sequential reader will want it soon (into RAM and disk)
+    PREFETCH = "prefetch"  # background, into the disk tier only
+
+
+class ChunkState(enum.StrEnum):
+    MISSING = "missing"
+    FETCHING = "fetching"
+    CACHED = "cached"
+
+
+class IllegalTransition(RuntimeError):
+    """A chunk state change the state machine does not allow (a bug, never user error)."""
+
+
+_ALLOWED: Final = {
+    (ChunkState.MISSING, ChunkState.FETCHING),
+    (ChunkState.FETCHING, ChunkState.CACHED),
+    (ChunkState.FETCHING, ChunkState.MISSING),
+}
+
+
+class _FetchTimedOut(Exception):
+    """A background fetch passed fetch_timeout."""
+
+
+class _Closed(Exception):
+    """The reader closed before the fetch finished."""
+
+
+class _Flight:
+    """One chunk on its way in; every reader of the chunk waits on ``done``."""
+
+    __slots__ = ("chunk", "data", "done", "error", "kind", "state", "waiters")
+
+    def __init__(self, chunk: Chunk, kind: FetchKind) -> None:
+        self.chunk = chunk
+        self.kind = kind
+        self.state = ChunkState.MISSING
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.waiters = 0
+
+    def move(self, to: ChunkState) -> None:
+        if (self.state, to) not in _ALLOWED:
+            raise IllegalTransition(f"chunk {self.chunk.id}: {self.state.value} -> {to.value}")
+        self.state = to
+
+
+@dataclass
+class _Seq:
+    end: int
+    streak: int = 0
+    ra_piece: int = -1
+
+
+class ChunkReader:
+    """File reads of one image over a chunk source and a (possibly shared) chunk cache.
+
+    Use as ``async with ChunkReader(...) as reader:``; fetches run in its nursery.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        source: ChunkSource,
+        cache: ChunkCache,
+        cfg: DaemonConfig | None = None,
+        *,
+        metrics: NodeMetrics | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.cfg = (cfg or DaemonConfig()).validate()
+        self.metrics = metrics or cache.metrics
+        self.name = name or source.name
+        self._flights: dict[int, _Flight] = {}
+        self._demand_slots = trio.CapacityLimiter(self.cfg.demand_parallel)
+        self._seq: LRU[int, _Seq] = LRU(SEQ_TRACKED_FILES)
+        self._demand_waiting = 0
+        self._demand_idle = trio.Event()
+        self._demand_idle.set()
+        self._nursery: trio.Nursery | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._paths: dict[int, str] | None = None
+        self._last_failure: tuple[float, str] | None = None
+
+    # -- lifetime
+
+    async def __aenter__(self) -> ChunkReader:
+        stack = contextlib.AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._stack is not None and self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        stack, self._stack, self._nursery = self._stack, None, None
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # fetch tasks never raise: the body's own exception comes out unwrapped
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from None
+            raise
+
+    # -- introspection
+
+    def state(self, chunk_id: int) -> ChunkState:
+        flight = self._flights.get(chunk_id)
+        if flight is not None:
+            return flight.state
+        return ChunkState.CACHED if self.cache.contains(self.index.chunk(chunk_id)) else ChunkState.MISSING
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    @property
+    def demand_waiting(self) -> int:
+        """Reads waiting for chunks right now."""
+        return self._demand_waiting
+
+    async def wait_demand_idle(self) -> None:
+        """Return once no read waits for a chunk."""
+        while self._demand_waiting:
+            await self._demand_idle.wait()
+
+    def path_of(self, ino: int) -> str:
+        """A path of ``ino`` in the image, for messages (built on first use)."""
+        if self._paths is None:
+            paths: dict[int, str] = {}
+            try:
+                for raw, i in self.index.walk():
+                    paths.setdefault(i, "/" + raw.decode("utf-8", "backslashreplace"))
+            except FormatError:
+                pass
+            self._paths = paths
+        return self._paths.get(ino, f"<inode {ino}>")
+
+    # -- reads
+
+    async def read(self, ino: int, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of regular file ``ino`` (clipped to its size)."""
+        slices = self.index.map_range(ino, offset, length)
+        if not slices:
+            return b""
+        end = slices[-1].file_offset + slices[-1].length
+        datas: dict[int, bytes] = {}
+        missing: dict[int, Chunk] = {}
+        for s in slices:
+            c = s.chunk
+            if c is None or c.id in datas or c.id in missing:
+                continue
+            data = self.cache.get_ram(c)
+            if data is None:
+                missing[c.id] = c
+            else:
+                datas[c.id] = data
+        if missing:
+            flights = self._start(list(missing.values()), FetchKind.DEMAND)
+            self._readahead(ino, offset, end)
+            datas.update(await self._wait(flights, ino))
+        else:
+            self._readahead(ino, offset, end)
+        parts = [
+            bytes(s.length) if s.chunk is None else datas[s.chunk.id][s.chunk_offset : s.chunk_offset + s.length]
+            for s in slices
+        ]
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.metrics.reads.inc()
+        self.metrics.read_bytes.inc(len(out))
+        return out
+
+    async def read_chunk(self, chunk: Chunk, *, ino: int | None = None) -> bytes:
+        """The whole uncompressed chunk (for a reader of chunks rather than files)."""
+        data = self.cache.get_ram(chunk)
+        if data is not None:
+            return data
+        return (await self._wait(self._start([chunk], FetchKind.DEMAND), ino))[chunk.id]
+
+    async def prefetch(self, chunks: Sequence[Chunk]) -> list[BaseException | None]:
+        """Bring ``chunks`` into the disk tier (joining flights already under way); returns
+        each chunk's error, or None. No timeout: each flight is bounded by fetch_timeout."""
+        todo = [c for c in chunks if not self.cache.contains(c)]
+        flights = {f.chunk.id: f for f in self._start(todo, FetchKind.PREFETCH)}
+        for f in flights.values():
+            await f.done.wait()
+        return [flights[c.id].error if c.id in flights else None for c in chunks]
+
+    # -- flights
+
+    def _start(self, chunks: Sequence[Chunk], kind: FetchKind) -> list[_Flight]:
+        """The flights of ``chunks``: existing ones joined, the others started as one fetch."""
+        if self._nursery is None:
+            raise RuntimeError("ChunkReader used outside 'async with'")
+        flights: list[_Flight] = []
+        new: list[_Flight] = []
+        for c in chunks:
+            flight = self._flights.get(c.id)
+            if flight is None:
+                flight = _Flight(c, kind)
+                flight.move(ChunkState.FETCHING)
+                self._flights[c.id] = flight
+                new.append(flight)
+            flights.append(flight)
+        if new:
+            self._nursery.start_soon(self._run, new, kind)
+        return flights
+
+    def _settle(self, flight: _Flight, result: VerifiedChunk | BaseException) -> None:
+        if flight.done.is_set():
+            return
+        if isinstance(result, VerifiedChunk):
+            flight.move(ChunkState.CACHED)
+            if flight.kind is not FetchKind.PREFETCH:
+                flight.data = result.data
+            elif flight.waiters:  # a read joined the prefetch: it wants the bytes, and in RAM
+                flight.data = result.data
+                self.cache.ram.put(result)
+        else:
+            flight.move(ChunkState.MISSING)
+            flight.error = result
+        if self._flights.get(flight.chunk.id) is flight:
+            del self._flights[flight.chunk.id]
+        flight.done.set()
+
+    async def _run(self, flights: list[_Flight], kind: FetchKind) -> None:
+        chunks = [f.chunk for f in flights]
+        try:
+            results: dict[int, VerifiedChunk | BaseException]
+            try:
+                with trio.move_on_after(self.cfg.fetch_timeout) as scope:
+                    results = await self._load(chunks, kind)
+                if scope.cancelled_caught:
+                    err = _FetchTimedOut(f"no answer from {self.source.name} within {self.cfg.fetch_timeout:g} s")
+                    results = dict.fromkeys((c.id for c in chunks), err)
+            except Exception as exc:  # the source's failure is every waiter's failure
+                results = dict.fromkeys((c.id for c in chunks), exc)
+            for f in flights:
+                res = results.get(f.chunk.id)
+                if isinstance(res, BaseException):
+                    self._last_failure = (trio.current_time(), f"{type(res).__name__}: {res}")
+                self._settle(f, res if res is not None else RuntimeError("chunk missing from the fetch result"))
+        finally:
+            for f in flights:  # cancelled: the reader is closing
+                self._settle(f, _Closed(f"reader of {self.name} closed"))
+
+    async def _load(self, chunks: list[Chunk], kind: FetchKind) -> dict[int, VerifiedChunk | BaseException]:
+        ram = kind is not FetchKind.PREFETCH
+        out: dict[int, VerifiedChunk | BaseException] = dict(await self.cache.get_disk_many(chunks, ram=ram, count=ram))
+        rest = [c for c in chunks if c.id not in out]
+        if rest:
+            if kind is FetchKind.PREFETCH:
+                out.update(await self._fetch_verified(rest, kind))
+            else:
+                async with self._demand_slots:
+                    out.update(await self._fetch_verified(rest, kind))
+        if ram:
+            for v in out.values():
+                if isinstance(v, VerifiedChunk):
+                    self.cache.ram.put(v)
+        return out
+
+    def _decode_and_store(self, chunks: list[Chunk], frames: list[bytes]) -> list[VerifiedChunk | DigestMismatch]:
+        """Decompress, verify, write to disk (in a worker thread)."""
+        out: list[VerifiedChunk | DigestMismatch] = []
+        for c, frame in zip(chunks, frames, strict=True):
+            try:
+                v = decode_frame(c, frame)
+            except DigestMismatch as exc:
+                out.append(exc)
+                continue
+            self.cache.put_disk_blocking(v)
+            out.append(v)
+        return out
+
+    async def _fetch_verified(self, chunks: list[Chunk], kind: FetchKind) -> dict[int, VerifiedChunk | BaseException]:
+        """Fetch, decompress, verify; chunks with a wrong digest are fetched once more."""
+        out: dict[int, VerifiedChunk | BaseException] = {}
+        pending = chunks
+        for attempt in range(2):
+            t0 = trio.current_time()
+            try:
+                frames = await self.source.fetch(pending)
+            except Exception as exc:
+                log.warning("%s: fetch of %d chunks failed: %s", self.name, len(pending), exc)
+                out.update(dict.fromkeys((c.id for c in pending), exc))
+                return out
+            self.metrics.fetch_seconds.observe(trio.current_time() - t0, kind=kind.value)
+            self.metrics.fetch_bytes.inc(sum(len(f) for f in frames), kind=kind.value)
+            self.metrics.fetch_chunks.inc(len(frames), kind=kind.value)
+            decoded = await trio.to_thread.run_sync(self._decode_and_store, pending, frames)
+            bad: list[Chunk] = []
+            for c, res in zip(pending, decoded, strict=True):
+                if isinstance(res, DigestMismatch):
+                    self.metrics.digest_failures.inc(source="network")
+                    log.warning("%s: %s (attempt %d)", self.name, res, attempt + 1)
+                    bad.append(c)
+                    out[c.id] = res
+                else:
+                    out[c.id] = res
+            if not bad:
+                break
+            if attempt == 0:
+                self.metrics.refetches.inc(len(bad))
+            pending = bad
+        return out
+
+    async def _wait(self, flights: list[_Flight], ino: int | None) -> dict[int, bytes]:
+        for f in flights:
+            f.waiters += 1
+        if self._demand_waiting == 0:
+            self._demand_idle = trio.Event()
+        self._demand_waiting += 1
+        try:
+            with trio.move_on_after(self.cfg.read_timeout) as scope:
+                for f in flights:
+                    await f.done.wait()
+        finally:
+            for f in flights:
+                f.waiters -= 1
+            self._demand_waiting -= 1
+            if self._demand_waiting == 0:
+                self._demand_idle.set()
+        if scope.cancelled_caught:
+            late = next(f for f in flights if not f.done.is_set())
+            raise self._error(late, ino, timeout=True)
+        out: dict[int, bytes] = {}
+        for f in flights:
+            if f.error is not None or f.data is None:
+                raise self._error(f, ino)
+            out[f.chunk.id] = f.data
+        return out
+
+    def _error(self, flight: _Flight, ino: int | None, *, timeout: bool = False) -> ReadError:
+        c = flight.chunk
+        path = self.path_of(ino) if ino is not None else ""
+        digest = c.digest.hex()
+        where = f"{self.name}: {path or 'chunk read'}: chunk {c.id} (sha256:{digest[:16]}...)"
+        err = flight.error
+        cls: type[ReadError]
+        if timeout:
+            cls, kind = FetchTimeout, "timeout"
+            cause = f"no data from {self.source.name} after {self.cfg.read_timeout:g} s"
+            if self._last_failure and trio.current_time() - self._last_failure[0] < RECENT_FAILURE:
+                cause += f" (last failure: {self._last_failure[1]})"
+            else:
+                cause += " (the fetch is still in progress)"
+        elif isinstance(err, DigestMismatch):
+            cls, kind = ChunkCorrupt, "corrupt"
+            cause = f"wrong content from {self.source.name} twice: {err}"
+        elif isinstance(err, _FetchTimedOut):
+            cls, kind = FetchTimeout, "timeout"
+            cause = str(err)
+        elif isinstance(err, _Closed):
+            cls, kind = ReaderClosed, "closed"
+            cause = str(err)
+        else:
+            cls, kind = FetchFailed, "fetch"
+            cause = f"{type(err).__name__}: {err}" if err is not None else "no data"
+        self.metrics.errors.inc(kind=kind)
+        message = f"{where}: {cause}"
+        log.error("%s", message)
+        return cls(message, image=self.name, path=path, chunk_id=c.id, digest="sha256:" + digest, cause=cause)
+
+    # -- readahead
+
+    def _readahead(self, ino: int, offset: int, end: int) -> None:
+        n = self.cfg.readahead_chunks
+        if n <= 0:
+            return
+        cs = self.index.chunk_size
+        st = self._seq.get(ino)
+        if st is None:
+            self._seq[ino] = _Seq(end)
+            return
+        if abs(offset - st.end) <= cs:
+            st.streak += 1
+            st.end = max(st.end, end)
+        else:
+            st.streak = 0
+            st.end = end
+            return
+        piece = end // cs
+        if st.streak < self.cfg.readahead_trigger or piece <= st.ra_piece:
+            return
+        st.ra_piece = piece
+        try:
+            ahead = self.index.map_range(ino, end, n * cs)
+        except FormatError:
+            return
+        chunks: dict[int, Chunk] = {}
+        for s in ahead:
+            c = s.chunk
+            if c is not None and c.id not in self._flights and c.digest not in self.cache.ram:
+                chunks[c.id] = c
+        if chunks:
+            self.metrics.readahead_chunks.inc(len(chunks))
+            self._start(list(chunks.values()), FetchKind.READAHEAD)
+
+
+__all__ = ["ChunkReader", "ChunkState", "FetchKind", "IllegalTransition"]
