@@ -47,4 +47,15 @@ say "pushing it again under another tag: nothing to send"
 .venv/bin/turbofs push "oci:$OUT:latest" "$REGISTRY/demo/sample:again"
 say "the registry serves it to standard clients:"
 skopeo inspect --tls-verify=false "docker://$REGISTRY/demo/sample:latest" | head -12
+MNT="$REG_DIR/mnt"
+mkdir -p "$MNT"
+cleanup_mount() { .venv/bin/turbofs umount "$MNT" --run-dir "$REG_DIR/run" 2>/dev/null || true; cleanup; }
+trap cleanup_mount EXIT
+say "mounting it lazily: turbofs mount $REGISTRY/demo/sample:latest $MNT"
+.venv/bin/turbofs mount "$REGISTRY/demo/sample:latest" "$MNT" --run-dir "$REG_DIR/run" --cache-dir "$REG_DIR/cache"
+say "reading from the mount: $MNT/etc/os-release"
+head -3 "$MNT/etc/os-release"
+.venv/bin/turbofs status "$MNT" --run-dir "$REG_DIR/run" | .venv/bin/python -c 'import json,sys; s=json.load(sys.stdin); p=s.get("prefetch",{}); print("demo: status:", p.get("state"), p.get("chunks_done"), "of", p.get("chunks_total"), "chunks prefetched;", "FUSE requests", s.get("fuse_requests"))'
+.venv/bin/turbofs umount "$MNT" --run-dir "$REG_DIR/run"
+say "unmounted"
 say "done"
