@@ -99,6 +99,7 @@ __all__ = [
     "mtime_known",
     "opaque",
     "probe_xattr",
+    "pseudo_random",
     "read_blob",
     "read_layer_tar",
     "read_manifest",
@@ -149,6 +150,16 @@ def _b(value: bytes | str) -> bytes:
 # --------------------------------------------------------------------------------------------
 # Tar entries and the layer tar writer
 # --------------------------------------------------------------------------------------------
+
+
+def pseudo_random(seed: int, size: int) -> bytes:
+    """``size`` incompressible bytes determined by ``seed`` (a chain of SHA-256 digests)."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"turbofs-random-%d-%d" % (seed, i)).digest()
+        i += 1
+    return bytes(out[:size])
 
 
 def default_content(offset: int, length: int) -> bytes:

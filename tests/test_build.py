@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -21,6 +20,7 @@ from tests.ocifixtures import (
     expected_tree,
     mtime_known,
     opaque,
+    pseudo_random,
     skopeo_inspect,
     snapshot_tree,
     umoci_unpack,
@@ -43,18 +43,11 @@ CFG = {"Entrypoint": ["/bin/app"], "Cmd": ["--serve"], "Env": ["A=1", "PATH=/usr
        "User": "1000:1000", "Labels": {"org.example": "yes"}}
 
 
-def _blob(seed: int, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d-%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 def kitchen_sink_layers() -> list[list[TarEntry]]:
     """Three layers exercising every flattening rule the format must keep."""
-    big = _blob(1, 3 * SMALL_CS + 1234)
+    big = pseudo_random(1, 3 * SMALL_CS + 1234)
     layer1 = [
         TarEntry("etc", "dir", mode=0o755),
         TarEntry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"),
@@ -65,7 +58,7 @@ def kitchen_sink_layers() -> list[list[TarEntry]]:
         TarEntry("bin/app-copy", data=big, mode=0o755),  # equal content: shared chunks
         TarEntry("bin/same-link", "hardlink", linkname="bin/app"),
         TarEntry("lib", "dir", mode=0o755),
-        TarEntry("lib/libz.so.1", data=_blob(2, 5000), mode=0o755),
+        TarEntry("lib/libz.so.1", data=pseudo_random(2, 5000), mode=0o755),
         TarEntry("lib/libz.so", "symlink", linkname="libz.so.1"),
         TarEntry("opq", "dir", mode=0o700, uid=5, gid=6, xattrs={"user.dir": b"x"}),
         TarEntry("opq/old1", data=b"1"),
@@ -218,7 +211,7 @@ def test_sources_agree(tmp_path: Path) -> None:
 def test_rootfs_directory_source(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/tool").write_bytes(_blob(3, 200_000))
+    (root / "usr/bin/tool").write_bytes(pseudo_random(3, 200_000))
     (root / "usr/bin/tool").chmod(0o4755)
     os.link(root / "usr/bin/tool", root / "usr/bin/tool2")
     (root / "etc").mkdir()
@@ -280,10 +273,10 @@ def test_cli_build_prints_summary(tmp_path: Path) -> None:
 
 def test_one_changed_file_changes_few_chunks_and_blobs(tmp_path: Path) -> None:
     """Content-defined pack and blob ends: a changed file does not shift everything after it."""
-    files = [TarEntry(f"site/m{i:04d}.py", data=_blob(100 + i, 1000 + (i * 37) % 9000)) for i in range(600)]
-    big = [TarEntry(f"data/w{i}.bin", data=_blob(5000 + i, 3 * SMALL_CS)) for i in range(40)]
+    files = [TarEntry(f"site/m{i:04d}.py", data=pseudo_random(100 + i, 1000 + (i * 37) % 9000)) for i in range(600)]
+    big = [TarEntry(f"data/w{i}.bin", data=pseudo_random(5000 + i, 3 * SMALL_CS)) for i in range(40)]
     changed = list(files)
-    changed[250] = TarEntry("site/m0250.py", data=_blob(99999, 12_345))  # other content, other size
+    changed[250] = TarEntry("site/m0250.py", data=pseudo_random(99999, 12_345))  # other content, other size
     cfg = {"blob_min": 64 * 1024, "blob_avg": 128 * 1024, "blob_max": 512 * 1024, "zstd_level": 1}
     idx = []
     for name, layer in (("v1", files + big), ("v2", changed + big)):

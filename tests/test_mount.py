@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -22,7 +21,13 @@ import pytest
 from index_builder.builder import build
 from tests.faultproxy import fault_proxy
 from tests.imagecheck import snapshot_index
-from tests.ocifixtures import TarEntry, diff_snapshots, snapshot_tree, write_oci_layout
+from tests.ocifixtures import (
+    TarEntry,
+    diff_snapshots,
+    pseudo_random,
+    snapshot_tree,
+    write_oci_layout,
+)
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
 from tests.test_build import kitchen_sink_layers
 from turbofs.config import BuildConfig
@@ -36,13 +41,6 @@ pytestmark = [
 CS = 64 * 1024
 
 
-def _data(seed: int, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d/%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 class Mounter:
@@ -114,8 +112,8 @@ def kitchen(tmp_path_factory: pytest.TempPathFactory) -> LayoutImage:
 def bulky(tmp_path_factory: pytest.TempPathFactory) -> LayoutImage:
     """About 48 MB of incompressible data in 1.5 MB files, plus small ones."""
     base = tmp_path_factory.mktemp("bulky")
-    files = [TarEntry(f"data/f{i:02d}.bin", data=_data(i, 1_500_000 + i)) for i in range(32)]
-    small = [TarEntry(f"etc/c{i:03d}.conf", data=_data(1000 + i, 700 + i)) for i in range(200)]
+    files = [TarEntry(f"data/f{i:02d}.bin", data=pseudo_random(i, 1_500_000 + i)) for i in range(32)]
+    small = [TarEntry(f"etc/c{i:03d}.conf", data=pseudo_random(1000 + i, 700 + i)) for i in range(200)]
     src = write_oci_layout(base / "src", [[TarEntry("data", "dir"), TarEntry("etc", "dir"), *files, *small]])
     build(f"oci:{src.layout}:latest", base / "turbo", BuildConfig(chunk_size=CS), progress=False)
     return open_layout_image(base / "turbo")
@@ -310,6 +308,10 @@ def test_sigkill_leaves_a_mount_that_the_next_mount_cleans(mounter: Mounter, kit
     mounter.mounts.remove(mp)
     mp = mounter.mount(f"oci:{kitchen.root}")
     assert (mp / "etc" / "passwd").read_bytes().startswith(b"root:")
+    # the dead mount is gone, not hidden under the new one
+    assert sum(1 for line in Path("/proc/self/mounts").read_text().splitlines() if f" {mp} " in line) == 1
+    mounter.umount(mp)
+    assert not os.path.ismount(mp)
 
 
 def test_sigterm_unmounts(mounter: Mounter, kitchen: LayoutImage) -> None:

@@ -25,7 +25,7 @@ import trio
 import zstandard
 
 from index_builder.builder import build
-from tests.ocifixtures import TarEntry, write_oci_layout
+from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from turbofs import format as fmt
 from turbofs import oci
 from turbofs.config import DaemonConfig
@@ -42,13 +42,6 @@ REGISTRY = "registry.test"
 REPO = "app"
 
 
-def _rand(seed: int, n: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(b"%d-%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:n])
 
 
 def _text(seed: int, n: int) -> bytes:
@@ -61,11 +54,11 @@ def _text(seed: int, n: int) -> bytes:
 
 
 FILES: dict[str, bytes] = {
-    "bin/app": _rand(1, 3 * CS + 5000),
+    "bin/app": pseudo_random(1, 3 * CS + 5000),
     "data/big.txt": _text(2, 5 * CS + 777),
-    "data/sparse.bin": _rand(3, CS) + bytes(2 * CS) + _rand(4, 1000),
+    "data/sparse.bin": pseudo_random(3, CS) + bytes(2 * CS) + pseudo_random(4, 1000),
     "empty": b"",
-    "lib/libx.so": _rand(5, 2 * CS),
+    "lib/libx.so": pseudo_random(5, 2 * CS),
     **{f"etc/conf{i:02d}.txt": _text(10 + i, 300 + i * 1500) for i in range(16)},
 }
 
@@ -363,7 +356,7 @@ def _verified(image: Image, chunk: fmt.Chunk) -> VerifiedChunk:
 
 
 def _synthetic(i: int, size: int = 10_000) -> VerifiedChunk:
-    data = _rand(1000 + i, size)
+    data = pseudo_random(1000 + i, size)
     frame = zstandard.ZstdCompressor().compress(data)
     chunk = fmt.Chunk(i, hashlib.sha256(data).digest(), 0, 0, len(frame), len(data))
     return decode_frame(chunk, frame)

@@ -3,7 +3,6 @@ against a real turbofs registry and Debian's docker-registry started by the fixt
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from index_builder.builder import build
 from tests.imagecheck import snapshot_index
-from tests.ocifixtures import TarEntry, diff_snapshots, write_oci_layout
+from tests.ocifixtures import TarEntry, diff_snapshots, pseudo_random, write_oci_layout
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
 from turbofs.config import BuildConfig
 from turbofs.image import decompress_chunk, load_index, open_layout_image, parse_manifest
@@ -30,22 +29,15 @@ T = TypeVar("T")
 CFG: dict[str, Any] = {"chunk_size": CS, "blob_min": 64 * 1024, "blob_avg": 128 * 1024, "blob_max": 512 * 1024}
 
 
-def _data(seed: int, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 def _layers(variant: int = 0) -> list[list[TarEntry]]:
-    small = [TarEntry(f"app/lib/m{i:03d}.py", data=_data(i, 500 + 97 * i)) for i in range(120)]
+    small = [TarEntry(f"app/lib/m{i:03d}.py", data=pseudo_random(i, 500 + 97 * i)) for i in range(120)]
     if variant:
-        small[60] = TarEntry("app/lib/m060.py", data=b"# changed\n" + _data(9999, 3000))
+        small[60] = TarEntry("app/lib/m060.py", data=b"# changed\n" + pseudo_random(9999, 3000))
     return [
         [TarEntry("app", "dir"), TarEntry("app/lib", "dir"), *small],
-        [TarEntry("models", "dir"), *[TarEntry(f"models/w{i}.bin", data=_data(1000 + i, 5 * CS + 17)) for i in range(12)]],
+        [TarEntry("models", "dir"), *[TarEntry(f"models/w{i}.bin", data=pseudo_random(1000 + i, 5 * CS + 17)) for i in range(12)]],
     ]
 
 
@@ -165,7 +157,9 @@ def test_push_builds_then_sends_only_what_changed(turbofs_registry: TurbofsRegis
     second = push(f"oci:{_turbo(tmp_path, 1)}", f"{target}:v2", progress=False)
     assert not second.built
     assert second.blobs_total > 20
-    assert 2 <= second.blobs_sent <= 4
+    # config + index, and the chunk blobs around the change (content-defined cuts resync
+    # within a pack or two and a blob or two)
+    assert 2 <= second.blobs_sent <= 6
     assert second.bytes_sent < 0.1 * second.bytes_total
     again = push(f"oci:{tmp_path / 'turbo1'}", f"{target}:v3", progress=False)
     assert again.blobs_sent == 0 and again.bytes_sent == 0

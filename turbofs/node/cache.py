@@ -63,12 +63,12 @@ from pathlib import Path
 from typing import Final
 
 import trio
-import zstandard
 from lru import LRU
 
 from turbofs.config import DaemonConfig
 from turbofs.errors import DigestMismatch
 from turbofs.format import Chunk, chunk_digest
+from turbofs.image import decompress_chunk
 from turbofs.node.metrics import NodeMetrics
 
 log = logging.getLogger("turbofs.node.cache")
@@ -107,13 +107,7 @@ def verify_data(chunk: Chunk, data: bytes) -> VerifiedChunk:
 
 def decode_frame(chunk: Chunk, frame: bytes) -> VerifiedChunk:
     """Decompress a fetched zstd frame and check it against ``chunk``; raises DigestMismatch."""
-    if len(frame) != chunk.clen:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: got {len(frame)} of {chunk.clen} compressed bytes")
-    try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=chunk.ulen)
-    except zstandard.ZstdError as exc:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: does not decompress ({exc})") from None
-    return verify_data(chunk, data)
+    return VerifiedChunk(chunk, decompress_chunk(chunk, frame))
 
 
 # ---------------------------------------------------------------------------------------

@@ -72,15 +72,20 @@ def state_dir(run_dir: Path, mountpoint: Path) -> Path:
 
 
 def clean_stale(mountpoint: Path) -> bool:
-    """Lazily unmount a mountpoint whose daemon died; True if there was one."""
-    if not is_stale_mount(str(mountpoint)):
-        return False
-    log.warning("%s: a mount left by a dead daemon: unmounting it", mountpoint)
-    for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
-        with contextlib.suppress(OSError):
-            if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
-                return True
-    raise TurboError(f"{mountpoint}: a stale mount could not be removed")
+    """Lazily unmount mounts on ``mountpoint`` whose daemon died; True if there were any."""
+    found = False
+    for _ in range(16):  # stacked dead mounts go one at a time
+        if not is_stale_mount(str(mountpoint)):
+            return found
+        found = True
+        log.warning("%s: a mount left by a dead daemon: unmounting it", mountpoint)
+        for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+            with contextlib.suppress(OSError):
+                if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+                    break
+        else:
+            raise TurboError(f"{mountpoint}: a stale mount could not be removed")
+    raise TurboError(f"{mountpoint}: stale mounts keep coming back")
 
 
 def _set_readahead(mountpoint: Path, kb: int) -> None:
@@ -105,6 +110,7 @@ class Daemon:
         self.reader: ChunkReader | None = None
         self.prefetcher: Prefetcher | None = None
         self.ops: TurboFS | None = None
+        self.ready = trio.Event()
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -156,6 +162,7 @@ class Daemon:
         await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
         if self.req.readahead_kb:
             await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
+        self.ready.set()
         self.notify("ready")
 
     async def _signals(self) -> None:
@@ -168,6 +175,7 @@ class Daemon:
     async def _prefetch(self) -> None:
         assert self.prefetcher is not None
         await self.prefetcher.run()
+        await self.ready.wait()  # "prefetched" never comes before "ready"
         self.notify("prefetched")
 
     async def run(self) -> None:

@@ -251,9 +251,12 @@ def fuse_options(name: str, *, allow_other: bool = True) -> set[str]:
 
 
 def is_stale_mount(path: str) -> bool:
-    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    statfs always reaches the daemon; stat may be answered from the kernel's attribute cache.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
