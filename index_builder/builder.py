@@ -14,18 +14,15 @@ The steps, each in its own module::
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import stat
 import sys
-import tarfile
 import time
 from base64 import b64decode
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -35,6 +32,7 @@ from tqdm import tqdm
 from index_builder.chunker import ChunkStore, Digest, LargeData, SmallData
 from index_builder.layers import LayerStream
 from index_builder.sources import LayerRef, SourceImage, open_source, synthetic_diff_id
+from index_builder.tarstream import TarEntry, TarError, TarReader
 from index_builder.tree import Node, Op, Tree, classify, show, split_path
 from turbofs import format as fmt
 from turbofs import oci
@@ -102,74 +100,49 @@ class BuildResult:
 
 # -- layer entries -----------------------------------------------------------------------
 
-_XATTR_PREFIX = "SCHILY.xattr."
-_LIBARCHIVE_PREFIX = "LIBARCHIVE.xattr."
+_XATTR_PREFIX = b"SCHILY.xattr."
+_LIBARCHIVE_PREFIX = b"LIBARCHIVE.xattr."
 
 
-def _mtime_ns(m: tarfile.TarInfo, what: str) -> int:
-    text = m.pax_headers.get("mtime")
-    if text is not None:
-        try:
-            return int((Decimal(text) * _NS).to_integral_value(rounding="ROUND_FLOOR"))
-        except InvalidOperation:
-            raise UnsafeEntry(f"{what}: invalid PAX mtime {text!r}") from None
-    return int(m.mtime) * _NS
-
-
-def _xattrs(m: tarfile.TarInfo, what: str) -> tuple[tuple[bytes, bytes], ...]:
+def _xattrs(pax: dict[bytes, bytes], what: str) -> tuple[tuple[bytes, bytes], ...]:
     out: dict[bytes, bytes] = {}
-    for key, value in m.pax_headers.items():
+    for key, value in pax.items():
         if not value:
             continue  # POSIX pax: an empty value deletes the record
         if key.startswith(_XATTR_PREFIX):
-            out[key[len(_XATTR_PREFIX) :].encode("utf-8", "surrogateescape")] = value.encode(
-                "utf-8", "surrogateescape"
-            )
+            out[key[len(_XATTR_PREFIX) :]] = value
         elif key.startswith(_LIBARCHIVE_PREFIX):
             try:
-                out[unquote_to_bytes(key[len(_LIBARCHIVE_PREFIX) :])] = b64decode(value + "=" * (-len(value) % 4))
+                out[unquote_to_bytes(key[len(_LIBARCHIVE_PREFIX) :])] = b64decode(value + b"=" * (-len(value) % 4))
             except ValueError:
-                raise UnsafeEntry(f"{what}: invalid {key} record") from None
+                raise UnsafeEntry(f"{what}: invalid {key.decode(errors='replace')} record") from None
     return tuple(sorted(out.items()))
 
 
-def _entry_op(m: tarfile.TarInfo, tf: tarfile.TarFile, store: ChunkStore, what_layer: str) -> Op | None:
-    raw = os.fsencode(m.name)
-    what = f"{what_layer}: {show(raw)}"
-    parts = split_path(raw, what_layer, DEFAULT_PATH_MAX)
+def _entry_op(e: TarEntry, tar: TarReader, store: ChunkStore, what_layer: str) -> Op | None:
+    parts = split_path(e.name, what_layer, DEFAULT_PATH_MAX)
     special = classify(parts)
     if special == "meta":
         return None
     if special is not None:
         return Op(special, parts)  # the marker's own type and content do not matter
-    mtime = _mtime_ns(m, what)
+    what = f"{what_layer}: {show(e.name)}"
     common: dict[str, Any] = {
-        "mode": m.mode & 0o7777,
-        "uid": m.uid,
-        "gid": m.gid,
-        "mtime_ns": mtime,
-        "xattrs": _xattrs(m, what),
+        "mode": e.mode, "uid": e.uid, "gid": e.gid, "mtime_ns": e.mtime_ns, "xattrs": _xattrs(e.pax, what),
     }
-    if m.isreg():
-        f = tf.extractfile(m)
-        assert f is not None
-        data = store.add_file(f.read, m.size, what)
-        return Op("file", parts, size=m.size, data=data, **common)
-    if m.isdir():
-        return Op("dir", parts, **common)
-    if m.issym():
-        return Op("symlink", parts, target=os.fsencode(m.linkname), **common)
-    if m.islnk():
-        target = split_path(os.fsencode(m.linkname), f"{what} (hardlink target)", DEFAULT_PATH_MAX)
+    if e.type == "file":
+        data = store.add_file(tar.read, e.size, what)
+        return Op("file", parts, size=e.size, data=data, **common)
+    if e.type == "hardlink":
+        target = split_path(e.linkname, f"{what} (hardlink target)", DEFAULT_PATH_MAX)
         if not target:
             raise UnsafeEntry(f"{what}: hardlink to the root directory")
         return Op("hardlink", parts, target=b"/".join(target))
-    if m.ischr() or m.isblk():
-        kind = "char" if m.ischr() else "block"
-        return Op(kind, parts, rdev=(m.devmajor, m.devminor), **common)
-    if m.isfifo():
-        return Op("fifo", parts, **common)
-    raise SourceError(f"{what}: unsupported tar entry type {m.type!r}")
+    if e.type == "symlink":
+        return Op("symlink", parts, target=e.linkname, **common)
+    if e.type in ("char", "block"):
+        return Op(e.type, parts, rdev=(e.devmajor, e.devminor), **common)
+    return Op(e.type, parts, **common)  # dir, fifo
 
 
 class _Budget:
@@ -205,20 +178,17 @@ def read_layer(
     )
     ops: list[Op] = []
     try:
-        buffered = io.BufferedReader(stream, 1 << 20)
+        tar = TarReader(stream.next_piece)
         try:
-            tf = tarfile.open(fileobj=buffered, mode="r|", encoding="utf-8", errors="surrogateescape")
-            for m in tf:
+            for entry in tar:
                 budget.entries += 1
                 if budget.entries > cfg.max_entries:
                     raise LimitExceeded(f"{what_layer}: more than {cfg.max_entries} entries in the image")
-                op = _entry_op(m, tf, store, what_layer)
+                op = _entry_op(entry, tar, store, what_layer)
                 if op is not None:
                     ops.append(op)
-        except tarfile.TarError as exc:
+        except TarError as exc:
             raise SourceError(f"{what_layer}: not a valid tar archive ({exc})") from None
-        except EOFError as exc:
-            raise SourceError(f"{what_layer}: tar archive is truncated ({exc})") from None
         stream.close_and_verify()
         budget.bytes += stream.uncompressed_size
     finally:

@@ -167,14 +167,17 @@ class LayerStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            if self._eof:
-                return 0
+    def next_piece(self) -> bytes:
+        """The next piece of uncompressed bytes, as the decompressor made it; b"" at the end."""
+        if self._buf:
+            out = bytes(self._buf)
+            self._buf = memoryview(b"")
+            return out
+        while not self._eof:
             item = self._queue.get()
             if item is None:
                 self._eof = True
-                return 0
+                break
             if isinstance(item, BaseException):
                 self._eof = True
                 if isinstance(item, SourceError):
@@ -182,7 +185,13 @@ class LayerStream(io.RawIOBase):
                         item.args[0] if item.args[0].startswith("layer") else f"layer {self.name}: {item.args[0]}"
                     ) from None
                 raise item
-            self._buf = memoryview(item)
+            if item:
+                return item
+        return b""
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._buf:
+            self._buf = memoryview(self.next_piece())
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
@@ -190,7 +199,7 @@ class LayerStream(io.RawIOBase):
 
     def drain(self) -> None:
         """Read to the end, so that the digests cover the whole blob."""
-        while self.readinto(bytearray(READ_BLOCK)):
+        while self.next_piece():
             pass
 
     def close_and_verify(self) -> None:
