@@ -57,7 +57,7 @@ class _Decoder:
             if self.done and not data.strip(b"\0"):
                 break  # zero padding after the last member, as some writers add
             if self._obj is None or self.done:
-                # ISA-L inflates gzip about 4x faster than zlib here (bench/README.md)
+                # ISA-L inflates gzip 2.2-2.5x faster than zlib here (bench/README.md)
                 self._obj = (
                     isal_zlib.decompressobj(wbits=31)
                     if self.compression == "gzip"
