@@ -7,6 +7,7 @@ from tests.registry_fixtures import (
     turbofs_registry,
     turbofs_registry_factory,
 )
+from tests.snapshotter_fixtures import snapshotter_containerd, turbofs_snapshotter  # noqa: F401
 
 __all__ = [
     "distribution_registry",

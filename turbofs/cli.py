@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--prefetch-bandwidth", type=_size, help="cap for background prefetch, bytes/s (default: none)")
     m.add_argument("--read-timeout", type=float, help="seconds a read waits for the registry before EIO (default 30)")
     m.add_argument("--run-dir", type=Path, help="state folder of mounts (default /run/turbofs/mounts)")
+    m.add_argument("--mode", choices=("auto", "erofs", "fuse"),
+                   help="erofs: the kernel mounts erofs metadata built from the index; fuse: every "
+                   "file through FUSE (default auto: erofs where the kernel has it)")
 
     um = sub.add_parser("umount", help="unmount a turbofs mount and stop its daemon")
     um.add_argument("mountpoint", type=Path)
@@ -129,6 +132,51 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("mountpoint", type=Path)
     st.add_argument("--metrics", action="store_true", help="Prometheus text instead of JSON")
     st.add_argument("--run-dir", type=Path)
+
+    sn = sub.add_parser(
+        "snapshotter",
+        help="serve the containerd snapshotter (proxy plugin) on a unix socket",
+        description="Serve containerd.services.snapshots.v1.Snapshots on --address for containerd's "
+        "[proxy_plugins.turbofs] (type = \"snapshot\"). Turbo images become lazy turbofs mounts, one per "
+        "image, shared by their containers; plain images unpack as with containerd's overlayfs "
+        "snapshotter. Settings: the [snapshotter] table of the config file (mounts: [daemon]).",
+    )
+    sn.add_argument("--address", type=Path, help="unix socket to listen on (default /run/turbofs/snapshotter.sock)")
+    sn.add_argument("--root", type=Path, help="state folder (default /var/lib/turbofs/snapshotter)")
+    sn.add_argument("--run-dir", type=Path, help="state of its mount daemons (default /run/turbofs/snapshotter)")
+
+    def containerd_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--address", "-a", help="containerd's socket (default $CONTAINERD_ADDRESS or /run/containerd/containerd.sock)")
+        q.add_argument("--namespace", "-n", help="containerd namespace (default $CONTAINERD_NAMESPACE or default)")
+        q.add_argument("--snapshotter", help="snapshotter name in containerd (default $CONTAINERD_SNAPSHOTTER or turbofs)")
+        q.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry (default for loopback)")
+        q.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
+
+    pl = sub.add_parser(
+        "pull",
+        help="give containerd a turbo image lazily (no layer is downloaded)",
+        description="Put REF's manifest and config into containerd's content store, create the image "
+        "record, and have the turbofs snapshotter mount the image lazily; then 'ctr run --snapshotter "
+        "turbofs REF ...' starts at once.",
+    )
+    pl.add_argument("ref", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+    containerd_flags(pl)
+
+    rn = sub.add_parser(
+        "run",
+        help="pull a turbo image lazily and run a container of it (through ctr run)",
+        description="'turbofs pull REF', then 'ctr run --snapshotter turbofs REF ID ARGS' with ARGS the "
+        "image's Entrypoint followed by CMD (or the image's Cmd); env, working directory and user come "
+        "from the image. The container's output streams here; the exit status is the container's.",
+    )
+    rn.add_argument("ref", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+    rn.add_argument("cmd", nargs="*", metavar="CMD", help="command and arguments (after --)")
+    rn.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    rn.add_argument("--name", help="container ID (default turbofs-RANDOM)")
+    rn.add_argument("--tty", "-t", action="store_true", help="allocate a terminal")
+    rn.add_argument("--detach", "-d", action="store_true", help="start the container in the background")
+    rn.add_argument("--entrypoint", help="replace the image's Entrypoint (and drop its Cmd); '' for none")
+    containerd_flags(rn)
     return p
 
 
@@ -144,6 +192,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         prefetch_bandwidth=args.prefetch_bandwidth,
         read_timeout=args.read_timeout,
+        mode=args.mode,
     )
     if not args.mountpoint.is_dir() and not daemon.is_stale_mount(str(args.mountpoint)):
         raise UsageError(f"{args.mountpoint}: mountpoint is not a directory")
@@ -178,6 +227,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(daemon.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
                        args.run_dir or daemon.DEFAULT_RUN_DIR))
     return 0
+
+
+def _cmd_snapshotter(args: argparse.Namespace) -> int:
+    from turbofs.config import snapshotter_config
+    from turbofs.snapshotter.service import serve
+
+    cfg = snapshotter_config(args.config, address=args.address, root=args.root, run_dir=args.run_dir)
+    serve(cfg, args.config)
+    return 0
+
+
+def _containerd_target(args: argparse.Namespace) -> Any:
+    from turbofs.containerd import Target
+
+    return Target.from_env(args.address, args.namespace, args.snapshotter)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from turbofs.containerd import pull
+
+    result = pull(args.ref, _containerd_target(args), plain_http=args.plain_http, platform=args.platform)
+    print(result.summary())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from turbofs.containerd import run
+
+    entrypoint = None if args.entrypoint is None else ([args.entrypoint] if args.entrypoint else [])
+    return run(args.ref, _containerd_target(args), args.cmd, rm=args.rm, container_id=args.name, tty=args.tty,
+               detach=args.detach, entrypoint=entrypoint, plain_http=args.plain_http, platform=args.platform)
 
 
 def _cmd_passwd(args: argparse.Namespace) -> int:
@@ -281,6 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_umount(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "snapshotter":
+            return _cmd_snapshotter(args)
+        if args.command == "pull":
+            return _cmd_pull(args)
+        if args.command == "run":
+            return _cmd_run(args)
     except TurboError as exc:
         print(f"turbofs: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -23,16 +23,18 @@ GiB: Final = 1024 * MiB
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/turbofs/config.toml")
 
-#: Uncompressed chunk size. Chosen by measurement (bench/README.md): 256 KiB keeps the
-#: decompression wasted on a cold start small (a startup touches ~123 KB per 1 MiB chunk)
-#: while zstd still compresses almost as well as with 1 MiB chunks.
+#: Uncompressed chunk size. Chosen by measurement (bench/README.md, "workingset"): for the
+#: python-1g startup, 256 KiB chunks fetch 62 MB and decompress 1.5x what is used, against
+#: 82 MB and 2.1x with 1 MiB chunks; 128 KiB saves only 10% more for 65% more chunks.
 DEFAULT_CHUNK_SIZE: Final = 256 * KiB
 DEFAULT_ZSTD_LEVEL: Final = 3
 #: Chunk blobs are cut where a chunk digest says so (content-defined, so one changed
 #: chunk changes one blob) once they hold at least the minimum, and always at the maximum.
-DEFAULT_BLOB_MIN: Final = 2 * MiB
-DEFAULT_BLOB_AVG: Final = 4 * MiB
-DEFAULT_BLOB_MAX: Final = 16 * MiB
+#: A one-file change re-uploads one blob plus the index: 2 MiB blobs on average keep that
+#: well under 1% of a 1 GB image (bench/README.md, "push").
+DEFAULT_BLOB_MIN: Final = 1 * MiB
+DEFAULT_BLOB_AVG: Final = 2 * MiB
+DEFAULT_BLOB_MAX: Final = 8 * MiB
 DEFAULT_MAX_LAYER_SIZE: Final = 64 * GiB  # uncompressed bytes of one layer
 DEFAULT_MAX_IMAGE_SIZE: Final = 256 * GiB  # uncompressed bytes of all layers
 DEFAULT_MAX_ENTRIES: Final = 10_000_000  # tar entries over all layers
@@ -87,6 +89,28 @@ DEFAULT_PREFETCH_BACKOFF_MAX: Final = 60.0
 #: Prefetch stops once it has written this share of the disk cache bound (it would
 #: otherwise evict what it fetched first, the most useful chunks).
 DEFAULT_PREFETCH_DISK_SHARE: Final = 0.8
+#: How a mount presents the image: "erofs" (the kernel mounts erofs metadata built from the
+#: index, served as one FUSE file; far fewer FUSE requests), "fuse" (one FUSE request per
+#: lookup/getattr/read of each file), or "auto": erofs where the kernel has it, else fuse.
+MOUNT_MODES: Final = ("auto", "erofs", "fuse")
+DEFAULT_MOUNT_MODE: Final = "auto"
+
+#: The containerd snapshotter (``turbofs snapshotter``, TOML table ``[snapshotter]``).
+DEFAULT_SNAPSHOTTER_ADDRESS: Final = Path("/run/turbofs/snapshotter.sock")
+DEFAULT_SNAPSHOTTER_ROOT: Final = Path("/var/lib/turbofs/snapshotter")
+#: State folders of the snapshotter's mount daemons (pid, control socket, log); mounts do
+#: not survive a reboot, and neither does /run.
+DEFAULT_SNAPSHOTTER_RUN_DIR: Final = Path("/run/turbofs/snapshotter")
+#: The name containerd knows the snapshotter by (``[proxy_plugins.NAME]``).
+DEFAULT_SNAPSHOTTER_NAME: Final = "turbofs"
+#: Where the snapshotter looks for the turbo twin of a plain image that containerd's CRI
+#: pulls: the same repository, the tag plus this suffix (what ``turbofs serve
+#: --auto-convert`` writes).
+DEFAULT_TURBO_TAG_SUFFIX: Final = DEFAULT_CONVERT_TAG_SUFFIX
+#: Registry calls the snapshotter makes while containerd waits: fewer retries than a mount.
+DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES: Final = 2
+DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT: Final = 30.0
+DEFAULT_SNAPSHOTTER_WORKERS: Final = 16
 
 T = TypeVar("T")
 
@@ -196,8 +220,11 @@ class DaemonConfig:
     prefetch_backoff: float = DEFAULT_PREFETCH_BACKOFF
     prefetch_backoff_max: float = DEFAULT_PREFETCH_BACKOFF_MAX
     prefetch_disk_share: float = DEFAULT_PREFETCH_DISK_SHARE
+    mode: str = DEFAULT_MOUNT_MODE
 
     def validate(self) -> DaemonConfig:
+        if self.mode not in MOUNT_MODES:
+            raise UsageError(f"mode {self.mode!r} must be one of {', '.join(MOUNT_MODES)}")
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
         for name in ("disk_cache_bytes", "ram_cache_bytes", "read_timeout", "fetch_timeout",
@@ -211,6 +238,55 @@ class DaemonConfig:
         if not 0 < self.prefetch_disk_share <= 1:
             raise UsageError("prefetch_disk_share must be in (0, 1]")
         return self
+
+
+@dataclass
+class SnapshotterConfig:
+    """Settings of ``turbofs snapshotter`` (TOML table ``[snapshotter]``).
+
+    The turbofs mounts it starts take their settings from the ``[daemon]`` table of the
+    same file (cache folder and bounds, prefetch...).
+    """
+
+    address: Path = DEFAULT_SNAPSHOTTER_ADDRESS
+    root: Path = DEFAULT_SNAPSHOTTER_ROOT
+    run_dir: Path = DEFAULT_SNAPSHOTTER_RUN_DIR
+    #: registries (host[:port]) reached over plain HTTP; loopback ones always are
+    plain_http: list[str] = field(default_factory=list)
+    #: act on containerd CRI's labels (cri.image-ref, cri.manifest-digest): mount the image
+    #: lazily when it, or its turbo twin, is a turbo image
+    cri_lookup: bool = True
+    turbo_tag_suffix: str = DEFAULT_TURBO_TAG_SUFFIX
+    registry_retries: int = DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES
+    registry_timeout: float = DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT
+    workers: int = DEFAULT_SNAPSHOTTER_WORKERS
+
+    def validate(self) -> SnapshotterConfig:
+        self.address = Path(self.address)
+        self.root = Path(self.root)
+        self.run_dir = Path(self.run_dir)
+        if len(os.fsencode(self.address)) > 107:
+            raise UsageError(f"snapshotter address {self.address} is too long for a unix socket")
+        if self.registry_retries < 0:
+            raise UsageError("registry_retries must not be negative")
+        for name in ("registry_timeout", "workers"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be positive")
+        if not isinstance(self.plain_http, list) or not all(isinstance(r, str) for r in self.plain_http):
+            raise UsageError("plain_http must be a list of registry names")
+        return self
+
+
+def snapshotter_config(path: Path | None = None, **overrides: Any) -> SnapshotterConfig:
+    """The snapshotter settings: defaults, the config file's ``[snapshotter]`` table, flags."""
+    table = load_toml(path).get("snapshotter", {})
+    if not isinstance(table, dict):
+        raise UsageError("[snapshotter] in the config file must be a table")
+    cfg = _from_table(SnapshotterConfig, table, "[snapshotter]")
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg.validate()
 
 
 def daemon_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:

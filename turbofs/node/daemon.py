@@ -37,7 +37,10 @@ import pyfuse3
 import trio
 
 from turbofs.config import DaemonConfig
+from turbofs.erofs import ErofsError, ErofsImage
 from turbofs.errors import TurboError, UsageError
+from turbofs.format import Index
+from turbofs.node import erofsfs
 from turbofs.node.cache import ChunkCache
 from turbofs.node.fusefs import TurboFS, fuse_options, is_stale_mount
 from turbofs.node.metrics import NodeMetrics
@@ -109,8 +112,11 @@ class Daemon:
         self.started = time.time()
         self.reader: ChunkReader | None = None
         self.prefetcher: Prefetcher | None = None
-        self.ops: TurboFS | None = None
+        self.ops: TurboFS | erofsfs.ErofsFileFS | None = None
         self.ready = trio.Event()
+        self.mode = "fuse"  # or "erofs" (decided in run)
+        self.erofs: erofsfs.ErofsMount | None = None
+        self.failure: TurboError | None = None  # why the erofs mount could not be made
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -118,7 +124,10 @@ class Daemon:
             "mountpoint": str(self.req.mountpoint),
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
+            "mode": self.mode,
         }
+        if self.erofs is not None:
+            out["erofs"] = self.erofs.status()
         if self.reader is not None:
             out["cache"] = dataclasses.asdict(self.reader.cache.counts())
             out["in_flight"] = self.reader.in_flight
@@ -159,9 +168,17 @@ class Daemon:
 
     async def _handshake(self) -> None:
         """Wait until the kernel finished FUSE_INIT (a stat answers), then tune and report."""
-        await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
-        if self.req.readahead_kb:
-            await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
+        if self.erofs is not None:
+            try:
+                await self.erofs.start(_set_readahead)  # and mount erofs from the FUSE file
+            except TurboError as exc:
+                self.failure = exc
+                pyfuse3.terminate()
+                return
+        else:
+            await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
+            if self.req.readahead_kb:
+                await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
         self.ready.set()
         self.notify("ready")
 
@@ -169,6 +186,8 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, self.req.mountpoint)
+                if self.erofs is not None:
+                    await trio.to_thread.run_sync(self.erofs.stop)
                 pyfuse3.terminate()
                 return
 
@@ -181,6 +200,7 @@ class Daemon:
     async def run(self) -> None:
         req = self.req
         self.state.mkdir(parents=True, exist_ok=True)
+        erofsfs.clean_stale(self.state, req.mountpoint)  # reads the old pid file: first
         (self.state / "pid").write_text(f"{os.getpid()}\n")
         clean_stale(req.mountpoint)
         opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
@@ -189,10 +209,18 @@ class Daemon:
         try:
             async with ChunkReader(opened.index, opened.source, cache, req.cfg, metrics=self.metrics, name=req.ref) as reader:
                 self.reader = reader
-                self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
+                image = await self._erofs_image(opened.index)
+                if image is not None:
+                    self.mode = "erofs"
+                    self.ops = erofsfs.ErofsFileFS(image, reader, name=req.ref)
+                    self.erofs = erofsfs.ErofsMount(self.state, req.mountpoint, image, readahead_kb=req.readahead_kb)
+                    fuse_at, options = self.erofs.prepare_dir(), erofsfs.hidden_options(name)
+                else:
+                    self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
+                    fuse_at, options = req.mountpoint, fuse_options(name, allow_other=req.allow_other)
                 if req.cfg.prefetch and req.cfg.cache_dir is not None:
                     self.prefetcher = Prefetcher(reader, req.cfg)
-                pyfuse3.init(self.ops, str(req.mountpoint), fuse_options(name, allow_other=req.allow_other))
+                pyfuse3.init(self.ops, str(fuse_at), options)
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self._control)
@@ -203,12 +231,34 @@ class Daemon:
                         await pyfuse3.main()
                         nursery.cancel_scope.cancel()
                 finally:
-                    pyfuse3.close(unmount=True)
+                    if self.erofs is not None:
+                        self.erofs.stop()
+                    pyfuse3.close(unmount=self.erofs is None or self.erofs.hidden_mounted)
+                if self.failure is not None:
+                    raise self.failure
         finally:
             await opened.source.aclose()
             for leftover in ("control.sock", "pid"):
                 with contextlib.suppress(FileNotFoundError):
                     (self.state / leftover).unlink()
+
+    async def _erofs_image(self, index: Index) -> ErofsImage | None:
+        """The erofs image to serve, or None for the per-file FUSE mode (``cfg.mode``)."""
+        mode = self.req.cfg.mode
+        if mode == "fuse":
+            return None
+        why_not = erofsfs.cannot_mount_erofs()
+        if why_not:
+            if mode == "erofs":
+                raise TurboError(f"{why_not}: mount with --mode fuse")
+            return None
+        try:
+            return await trio.to_thread.run_sync(erofsfs.prepare, index)
+        except ErofsError as exc:
+            if mode == "erofs":
+                raise TurboError(f"{self.req.ref}: refusing to serve it as erofs: {exc}") from None
+            log.warning("%s: serving it with the per-file FUSE mode: %s", self.req.ref, exc)
+            return None
 
 
 def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:

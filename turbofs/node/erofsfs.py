@@ -1,0 +1,450 @@
+"""The erofs presentation: one read-only FUSE file that the kernel mounts as erofs.
+
+::
+
+    <state>/erofs/              a private FUSE mount (this module's ErofsFileFS)
+        image.erofs             metadata from memory (turbofs.erofs.build_erofs), data from
+                                the chunk reader (RAM cache -> disk cache -> fetcher)
+    MOUNTPOINT                  mount(2) "erofs" from <state>/erofs/image.erofs (file-backed;
+                                a loop device on kernels without file-backed mounts)
+
+Start-up (:meth:`ErofsMount.start`, after FUSE_INIT): raise the FUSE readahead, read the
+metadata region once so the kernel's metadata reads hit the page cache, mount erofs, then
+detach the private FUSE mount. From then on only the erofs superblock holds the image file
+open: the FUSE session ends, and the daemon with it, exactly when the kernel lets go of the
+erofs mount (``turbofs umount``, or the last user of a lazily detached mount), and a killed
+daemon leaves no FUSE mount behind (:func:`clean_stale` removes its erofs mount).
+
+The FUSE layer only translates: a read of the image file becomes metadata bytes, chunk
+slices (``reader.read_chunk``, so single-flight, digest checks, timeouts, caches and
+metrics are the per-file mode's) and zeros. Errors become errno values in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import re
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import pyfuse3
+import trio
+
+from turbofs import format as fmt
+from turbofs.erofs import ErofsImage, build_erofs, check_erofs
+from turbofs.errors import FormatError, TurboError
+
+log = logging.getLogger("turbofs.erofs")
+
+IMAGE_NAME: Final = b"image.erofs"
+IMAGE_INO: Final = pyfuse3.ROOT_INODE + 1
+HIDDEN_DIR: Final = "erofs"
+#: Bytes of the metadata region read per request when warming the page cache.
+WARM_STEP: Final = 1 << 20
+
+#: Try a file-backed mount (Linux 6.12+) before a loop device. Tests turn it off to
+#: exercise the loop device path.
+TRY_FILE_BACKED = True
+MS_RDONLY: Final = 1
+MNT_DETACH: Final = 2
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+class ChunkReaderLike(Protocol):
+    async def read_chunk(self, chunk: fmt.Chunk, *, ino: int | None = None) -> bytes: ...
+
+
+def _errno(exc: BaseException) -> int:
+    """The one place where exceptions become errno values."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, FormatError | TurboError):
+        return errno.EIO
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class ErofsFileFS(pyfuse3.Operations):
+    """A FUSE file system of one read-only file: the erofs image of a turbo index."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, image: ErofsImage, reader: ChunkReaderLike, *, name: str = "turbofs") -> None:
+        super().__init__()
+        self.image = image
+        self.reader = reader
+        self.name = name
+        self.counts: dict[str, int] = {}
+        self.bytes_served = {"meta": 0, "data": 0, "zeros": 0}
+
+    def _count(self, op: str) -> None:
+        self.counts[op] = self.counts.get(op, 0) + 1
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = 3600.0
+        a.st_uid = a.st_gid = 0
+        a.st_blksize = 4096
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o500
+            a.st_nlink = 2
+            a.st_size = 0
+        elif inode == IMAGE_INO:
+            a.st_mode = stat.S_IFREG | 0o400
+            a.st_nlink = 1
+            a.st_size = self.image.size
+            a.st_blocks = self.image.size // 512
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    # -- operations, in FUSE order
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self._count("lookup")
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attrs(pyfuse3.ROOT_INODE)
+        if bytes(name) != IMAGE_NAME:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(IMAGE_INO)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self._count("getattr")
+        return self._attrs(inode)
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self._count("open")
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode != IMAGE_INO:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._count("read")
+        try:
+            return await self._read(off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except BaseException as exc:
+            leaf = _first_leaf(exc)
+            if not isinstance(leaf, Exception):
+                raise
+            code = _errno(leaf)
+            if code == errno.EIO:
+                log.error("%s: read of image bytes [%d, +%d) failed: %s", self.name, off, size, leaf)
+            raise pyfuse3.FUSEError(code) from None
+
+    async def _read(self, off: int, size: int) -> bytes:
+        extents = self.image.read(off, size)
+        chunks = {e.chunk.id: e.chunk for e in extents if e.chunk is not None}
+        datas: dict[int, bytes] = {}
+        if len(chunks) == 1:
+            (c,) = chunks.values()
+            datas[c.id] = await self.reader.read_chunk(c, ino=self.image.owner(c.id))
+        elif chunks:
+
+            async def one(c: fmt.Chunk) -> None:
+                datas[c.id] = await self.reader.read_chunk(c, ino=self.image.owner(c.id))
+
+            async with trio.open_nursery() as nursery:
+                for c in chunks.values():
+                    nursery.start_soon(one, c)
+        parts: list[bytes] = []
+        for e in extents:
+            if e.data is not None:
+                parts.append(e.data)
+                self.bytes_served["meta"] += e.length
+            elif e.chunk is not None:
+                data = datas[e.chunk.id]
+                parts.append(data[e.chunk_offset : e.chunk_offset + e.length])
+                self.bytes_served["data"] += e.length
+            else:
+                parts.append(bytes(e.length))
+                self.bytes_served["zeros"] += e.length
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self._count("opendir")
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return int(inode)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self._count("readdir")
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, IMAGE_NAME, self._attrs(IMAGE_INO), 1)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = self.image.total_blocks
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = 2
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    async def _rofs(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = setxattr = removexattr = _rofs  # type: ignore[assignment]
+
+
+def hidden_options(name: str) -> set[str]:
+    """Options of the private FUSE mount: read-only, named, any reader (the kernel's erofs
+    reads on behalf of every user of the erofs mount)."""
+    return {"ro", "default_permissions", "allow_other", f"fsname={name}", "subtype=turbofs-erofs"}
+
+
+# -- the kernel side ---------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def kernel_has_erofs() -> bool:
+    """Whether this kernel knows erofs (built in, or a loaded module)."""
+    try:
+        text = Path("/proc/filesystems").read_text()
+    except OSError:
+        return False
+    return any(line.split()[-1:] == ["erofs"] for line in text.splitlines())
+
+
+def cannot_mount_erofs() -> str | None:
+    """Why this process cannot mount erofs (no erofs in the kernel, not root), or None."""
+    if not kernel_has_erofs():
+        return "this kernel has no erofs file system"
+    if os.geteuid() != 0:
+        return "mounting erofs needs root (the per-file FUSE mode does not)"
+    return None
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mount_erofs(image_file: Path, target: Path, *, options: str = "") -> str:
+    """Mount erofs from ``image_file`` at ``target`` read-only; returns how ("file" or "loop")."""
+    code = errno.ENOTBLK
+    if TRY_FILE_BACKED:
+        ret = _libc.mount(os.fsencode(image_file), os.fsencode(target), b"erofs", MS_RDONLY, options.encode() or None)
+        if ret == 0:
+            return "file"
+        code = ctypes.get_errno()
+        if code not in (errno.ENOTBLK, errno.EINVAL):
+            raise OSError(code, f"mount erofs {image_file} at {target}: {os.strerror(code)}")
+    # a kernel without file-backed erofs mounts: a loop device
+    opts = ",".join(filter(None, ["ro", "loop", options]))
+    proc = subprocess.run(["mount", "-t", "erofs", "-o", opts, str(image_file), str(target)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(code, f"mount erofs {image_file} at {target}: {proc.stderr.strip()}")
+    return "loop"
+
+
+def umount(target: Path, *, lazy: bool = False) -> None:
+    _check(_libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0), f"umount {target}")
+
+
+def mount_entry(target: Path) -> tuple[str, bytes] | None:
+    """(file system type, source) of the topmost mount at ``target``, or None."""
+    want = os.fsencode(os.path.realpath(target))
+    found = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+            left, _, right = line.partition(b" - ")
+            fields = left.split()
+            if len(fields) > 4 and _unescape(fields[4]) == want:
+                fstype, source = ([*right.split(), b"", b""])[:2]
+                found = (fstype.decode(errors="replace"), _unescape(source))
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    """A mountinfo field with its octal escapes (space, tab, newline, backslash) undone."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _is_our_erofs(mountpoint: Path, hidden: Path) -> bool:
+    entry = mount_entry(mountpoint)
+    return entry is not None and entry[0] == "erofs" and entry[1] == os.fsencode(hidden / os.fsdecode(IMAGE_NAME))
+
+
+def _daemon_alive(state: Path) -> bool:
+    try:
+        pid = int((state / "pid").read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in (b"Z", b"X")  # a zombie serves nothing
+
+
+def clean_stale(state: Path, mountpoint: Path) -> bool:
+    """Remove what a killed erofs-mode daemon of ``mountpoint`` left; True if there was some.
+
+    That is an erofs mount at ``mountpoint`` backed by this state folder's image file, and a
+    private FUSE mount that is no longer served.
+    """
+    cleaned = False
+    hidden = state / HIDDEN_DIR
+    if _daemon_alive(state):
+        return False
+    if _is_our_erofs(mountpoint, hidden):
+        log.warning("%s: an erofs mount left by a dead daemon: unmounting it", mountpoint)
+        with contextlib.suppress(OSError):
+            umount(mountpoint, lazy=True)
+            cleaned = True
+    try:
+        os.stat(hidden)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            with contextlib.suppress(OSError):
+                umount(hidden, lazy=True)
+                cleaned = True
+    return cleaned
+
+
+def prepare(index: fmt.Index, *, deep_check: bool = True) -> ErofsImage:
+    """Build the erofs image of ``index`` and check it; raises ErofsError (never mount it then)."""
+    t0 = time.monotonic()
+    image = build_erofs(index)
+    t1 = time.monotonic()
+    check_erofs(image, deep=deep_check)
+    image.drop_source()  # about 30 MB for 40,000 files; the metadata itself is a few MB
+    image.stats["build_ms"] = round((t1 - t0) * 1000)
+    image.stats["check_ms"] = round((time.monotonic() - t1) * 1000)
+    log.info("erofs metadata of %d inodes: %d bytes, built in %.3f s, checked in %.3f s",
+             index.n_inodes, image.meta_size, t1 - t0, time.monotonic() - t1)
+    return image
+
+
+class ErofsMount:
+    """The erofs side of one daemon: the private FUSE mount's folder and the kernel mount."""
+
+    def __init__(self, state: Path, target: Path, image: ErofsImage, *, readahead_kb: int = 1024,
+                 options: str = "", warm_meta: bool = True) -> None:
+        self.hidden = state / HIDDEN_DIR
+        self.target = target
+        self.image = image
+        self.readahead_kb = readahead_kb
+        self.options = options
+        self.warm_meta = warm_meta
+        self.how: str | None = None  # "file" or "loop" once mounted
+        self.hidden_mounted = False
+
+    @property
+    def image_file(self) -> Path:
+        return self.hidden / os.fsdecode(IMAGE_NAME)
+
+    def prepare_dir(self) -> Path:
+        self.hidden.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.hidden
+
+    def _warm(self) -> None:
+        fd = os.open(self.image_file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into the data region
+            for pos in range(0, self.image.meta_size, WARM_STEP):
+                os.pread(fd, min(WARM_STEP, self.image.meta_size - pos), pos)
+        finally:
+            os.close(fd)
+
+    async def start(self, set_readahead: Callable[[Path, int], None]) -> None:
+        """After FUSE_INIT: tune, warm, mount erofs, detach the private mount."""
+        self.hidden_mounted = True
+        t0 = time.monotonic()
+        await trio.to_thread.run_sync(os.stat, self.image_file)
+        if self.readahead_kb:
+            await trio.to_thread.run_sync(set_readahead, self.hidden, self.readahead_kb)
+        t1 = time.monotonic()
+        if self.warm_meta:
+            await trio.to_thread.run_sync(self._warm)
+        t2 = time.monotonic()
+        try:
+            self.how = await trio.to_thread.run_sync(
+                lambda: mount_erofs(self.image_file, self.target, options=self.options)
+            )
+        except OSError as exc:
+            raise TurboError(f"cannot mount erofs at {self.target}: {exc.strerror} (try --mode fuse)") from None
+        await trio.to_thread.run_sync(lambda: umount(self.hidden, lazy=True))
+        self.hidden_mounted = False
+        self.image.stats["warm_ms"] = round((t2 - t1) * 1000)
+        self.image.stats["mount_ms"] = round((time.monotonic() - t2) * 1000)
+        log.info("erofs mounted at %s (%s-backed): FUSE ready in %.3f s, metadata read in %.3f s, mount %.3f s",
+                 self.target, self.how, t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    def stop(self) -> None:
+        """Detach the erofs mount (for signals and errors); the FUSE session ends with it."""
+        if self.how is not None:
+            if _is_our_erofs(self.target, self.hidden):
+                with contextlib.suppress(OSError):
+                    umount(self.target, lazy=True)
+            self.how = None
+        if self.hidden_mounted:
+            with contextlib.suppress(OSError):
+                umount(self.hidden, lazy=True)
+            self.hidden_mounted = False
+
+    def status(self) -> dict[str, Any]:
+        return {"backing": self.how, "image_bytes": self.image.size, **self.image.stats}
+
+
+__all__ = [
+    "IMAGE_NAME",
+    "ErofsFileFS",
+    "ErofsMount",
+    "cannot_mount_erofs",
+    "clean_stale",
+    "hidden_options",
+    "kernel_has_erofs",
+    "mount_erofs",
+    "prepare",
+    "umount",
+]

@@ -1,0 +1,70 @@
+"""The snapshotter's errors, and the one place where errors become gRPC status codes.
+
+::
+
+    TurboError (turbofs.errors)
+     ├── NotFound ─────────────────── NOT_FOUND           a snapshot, image or manifest that does not exist
+     ├── UsageError ───────────────── INVALID_ARGUMENT    bad keys, labels, filters
+     ├── FormatError, DigestMismatch ─ FAILED_PRECONDITION a corrupt manifest, config or index
+     ├── AuthError ────────────────── PERMISSION_DENIED   the registry refused the credentials
+     ├── RegistryError (401/403) ──── PERMISSION_DENIED
+     ├── RegistryError (other) ────── UNAVAILABLE         the registry is down or failing
+     └── SnapshotError               (this module) carries its own code:
+          ├── AlreadyExists ───────── ALREADY_EXISTS      also "this remote snapshot is ready"
+          ├── FailedPrecondition ──── FAILED_PRECONDITION wrong kind, has children, placeholder layer
+          └── MountFailed ─────────── UNAVAILABLE         a turbofs mount could not be started
+
+containerd's proxy turns these codes back into its own errors (``errdefs.FromGRPC``):
+ALREADY_EXISTS after a Prepare with a ``containerd.io/snapshot.ref`` label is how a remote
+snapshotter says "this layer is ready, skip the unpack". Anything else that escapes is a bug:
+INTERNAL, with the exception's text, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from turbofs.errors import AuthError, FormatError, NotFound, SourceError, TurboError, UsageError
+from turbofs.registry_client import RegistryError
+
+
+class SnapshotError(TurboError):
+    """An error with its own gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class AlreadyExists(SnapshotError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(SnapshotError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class MountFailed(SnapshotError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code containerd should see for ``exc``."""
+    if isinstance(exc, SnapshotError):
+        return exc.code
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, UsageError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, RegistryError):
+        if exc.status in (401, 403):
+            return grpc.StatusCode.PERMISSION_DENIED
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, (FormatError, SourceError)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, TurboError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
+__all__ = ["AlreadyExists", "FailedPrecondition", "MountFailed", "SnapshotError", "status_code"]

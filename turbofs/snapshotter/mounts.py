@@ -1,0 +1,152 @@
+"""The turbofs mounts behind remote snapshots: one per image manifest, shared by every
+snapshot and container of that image on the node.
+
+The snapshotter sees a mount through three methods (:class:`Mounter`): ``mount`` (returns
+once the mount is ready), ``check`` (is it alive) and ``unmount``. :class:`DaemonMounter`
+implements them with ``turbofs mount`` daemons: separate processes in their own sessions,
+so they outlive a snapshotter restart, and a restarted snapshotter finds them again
+(``check``) instead of mounting twice. Their state folders (pid, control socket, log) lie
+under the snapshotter's ``run_dir``; ``turbofs status MOUNTPOINT --run-dir RUN_DIR`` asks one
+for its progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Final, Protocol
+
+from turbofs.config import DaemonConfig
+from turbofs.errors import TurboError
+from turbofs.node import daemon
+from turbofs.snapshotter.errors import MountFailed
+
+log = logging.getLogger("turbofs.snapshotter")
+
+#: Seconds an unmount waits for the daemon to exit by itself before it gets SIGTERM.
+UNMOUNT_WAIT: Final = 3.0
+
+
+class Mounter(Protocol):
+    def mount(self, ref: str, mountpoint: Path, *, plain_http: bool) -> None:
+        """Mount ``ref`` (``REGISTRY/REPO@DIGEST``) at ``mountpoint``; return once ready."""
+
+    def check(self, mountpoint: Path) -> bool:
+        """True if the mount at ``mountpoint`` is there and its daemon answers."""
+
+    def unmount(self, mountpoint: Path) -> None:
+        """Unmount and stop the daemon; raise if the mount is busy."""
+
+
+class DaemonMounter:
+    """``turbofs mount`` daemons (:func:`turbofs.node.daemon.mount_background`)."""
+
+    def __init__(self, run_dir: Path, daemon_cfg: DaemonConfig, config_path: Path | None = None) -> None:
+        self.run_dir = run_dir
+        self.cfg = daemon_cfg
+        self.config_path = config_path
+        #: daemons started by this process: reaped once they exit (no zombies)
+        self._children: set[int] = set()
+        self._lock = threading.Lock()
+
+    def reap(self) -> None:
+        """Collect the exit status of our daemons that have exited."""
+        with self._lock:
+            for pid in list(self._children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self._children.discard(pid)
+
+    def _pid(self, mountpoint: Path) -> int | None:
+        try:
+            return int((daemon.state_dir(self.run_dir, mountpoint) / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def mount(self, ref: str, mountpoint: Path, *, plain_http: bool) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(TurboError):
+            daemon.clean_stale(mountpoint)
+        argv: list[str] = []
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        argv += ["mount", ref, str(mountpoint), "--run-dir", str(self.run_dir)]
+        if self.cfg.cache_dir is not None:
+            argv += ["--cache-dir", str(self.cfg.cache_dir)]
+        if plain_http:
+            argv.append("--plain-http")
+        req = daemon.MountRequest(ref=ref, mountpoint=mountpoint, cfg=self.cfg, run_dir=self.run_dir,
+                                  scheme="http" if plain_http else None)
+        self.reap()
+        try:
+            pid = daemon.mount_background(argv, req, wait=False)
+        except TurboError as exc:
+            raise MountFailed(str(exc)) from None
+        with self._lock:
+            self._children.add(pid)
+        log.info("mounted %s at %s (daemon pid %d)", ref, mountpoint, pid)
+
+    def check(self, mountpoint: Path) -> bool:
+        """Mounted, and its daemon answers on its control socket (a killed daemon, even one
+        left a zombie, or a stale FUSE mount does not)."""
+        if daemon.is_stale_mount(str(mountpoint)) or not os.path.ismount(mountpoint):
+            return False
+        try:
+            daemon.query(mountpoint, "status", self.run_dir)
+        except (OSError, TurboError) as exc:
+            log.warning("the turbofs daemon of %s does not answer: %s", mountpoint, exc)
+            return False
+        return True
+
+    def unmount(self, mountpoint: Path) -> None:
+        pid = self._pid(mountpoint)
+        if os.path.ismount(mountpoint) or daemon.is_stale_mount(str(mountpoint)):
+            # unmount; a daemon still there a moment later gets SIGTERM (it then cleans up)
+            daemon.unmount(mountpoint, self.run_dir, timeout=0.2)
+        elif pid is not None:  # a daemon without its mount
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        if pid is not None and not self._wait_exit(pid, UNMOUNT_WAIT):
+            log.warning("the turbofs daemon %d of %s did not exit: killing it", pid, mountpoint)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_exit(pid, UNMOUNT_WAIT)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        """Wait for daemon ``pid`` to exit, reaping it if it is our child; True if it did."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if pid in self._children:
+                    try:
+                        done, _ = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        done = pid
+                    if done:
+                        self._children.discard(pid)
+                        return True
+                elif not _running(pid):
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not: it waits for its parent to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+__all__ = ["DaemonMounter", "Mounter"]

@@ -1,0 +1,272 @@
+"""Which turbo image a snapshot stands for: from ``turbofs pull``'s labels, or from the
+labels containerd's CRI plugin passes.
+
+:func:`fetch_image` reads a turbo image's manifest (an image index resolved to the host
+platform) and config from its registry, verified, and computes the image's chain IDs from
+the config's ``rootfs.diff_ids``. It never reads the index or any chunk: that is the mount's
+job. :class:`Resolver` adds a cache (a manifest digest names immutable bytes) and the CRI
+rules: the image CRI pulls is used if it is a turbo image; a plain image is used through its
+turbo twin, the same repository with the tag plus ``turbo_tag_suffix`` (what
+``turbofs serve --auto-convert`` writes), when that twin was converted from this very
+manifest (annotation ``io.turbofs.source.manifest``) or carries the very same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import anyio
+
+from turbofs import oci
+from turbofs.errors import FormatError, NotFound, TurboError, UsageError
+from turbofs.image import is_turbo_manifest, parse_manifest
+from turbofs.registry_client import Reference, RegistryClient
+from turbofs.snapshotter.labels import chain_ids
+
+log = logging.getLogger("turbofs.snapshotter")
+
+MAX_CONFIG_SIZE: Final = 8 << 20
+MAX_INDEX_DEPTH: Final = 2
+CACHE_ENTRIES: Final = 256
+#: How long "no turbo image for this CRI image" (or a failed lookup) is remembered: a twin
+#: that ``--auto-convert`` is still converting shows up after this at the latest, and a
+#: registry that is down is not asked again for every layer.
+NEGATIVE_TTL: Final = 60.0
+#: Where containerd sends requests for images named ``docker.io/...``.
+DOCKER_HUB: Final = "registry-1.docker.io"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TurboImage:
+    """A turbo image as the snapshotter and ``turbofs pull`` see it."""
+
+    reference: Reference  # as asked (tag or digest)
+    manifest_digest: str
+    manifest: bytes
+    media_type: str
+    config_digest: str
+    config_media_type: str
+    config: bytes
+    diff_ids: tuple[str, ...]
+    scheme: str | None = None
+
+    @property
+    def pinned(self) -> str:
+        """``REGISTRY/REPO@DIGEST``: what a mount of this image opens."""
+        return f"{self.reference.registry}/{self.reference.repository}@{self.manifest_digest}"
+
+    @property
+    def chain(self) -> list[str]:
+        return chain_ids(self.diff_ids)
+
+    @property
+    def top(self) -> str:
+        return self.chain[-1]
+
+    def image_config(self) -> dict[str, Any]:
+        obj = json.loads(self.config)
+        conf = obj.get("config") or {}
+        return conf if isinstance(conf, dict) else {}
+
+
+def _diff_ids(config: dict[str, Any], what: str) -> tuple[str, ...]:
+    rootfs = config.get("rootfs")
+    diffs = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diffs, list) or not diffs or not all(isinstance(d, str) for d in diffs):
+        raise FormatError(f"{what}: rootfs.diff_ids is missing or empty")
+    for d in diffs:
+        try:
+            oci.check_digest(d)
+        except FormatError as exc:
+            raise FormatError(f"{what}: rootfs.diff_ids: {exc}") from None
+    return tuple(diffs)
+
+
+async def _resolve(client: RegistryClient, ref: Reference, reference: str, platform: str | None) -> tuple[bytes, str, str, dict[str, Any]]:
+    """(bytes, media type, digest, parsed) of the image manifest for this platform."""
+    for _ in range(MAX_INDEX_DEPTH + 1):
+        raw, media_type, digest = await client.get_manifest(ref.repository, reference)
+        obj = oci.parse_json(raw, f"manifest {ref.registry}/{ref.repository}@{digest}")
+        if media_type in oci.INDEX_TYPES or (not media_type and "manifests" in obj):
+            want = oci.parse_platform(platform)
+            subs = [oci.Descriptor.from_json(d, f"image index {digest}") for d in obj.get("manifests") or []]
+            chosen = [s for s in subs if oci.platform_matches(s.platform, *want)]
+            if not chosen:
+                raise NotFound(f"{ref}: no manifest for platform {'/'.join(p for p in want if p)}")
+            reference = chosen[0].digest
+            continue
+        return raw, media_type or oci.OCI_MANIFEST, digest, obj
+    raise FormatError(f"{ref}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
+
+
+async def _fetch(
+    client: RegistryClient, ref: Reference, reference: str, platform: str | None, *, require_turbo: bool
+) -> TurboImage | None:
+    raw, media_type, digest, obj = await _resolve(client, ref, reference, platform)
+    where = f"{ref.registry}/{ref.repository}@{digest}"
+    if not is_turbo_manifest(obj):
+        if require_turbo:
+            raise FormatError(f"{where} is not a turbo image (its first layer is not a turbofs index); "
+                              "convert it with 'turbofs push', or pull it with 'ctr images pull'")
+        return None
+    manifest = parse_manifest(raw, digest)
+    config_raw = await client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG_SIZE)
+    config = oci.parse_json(config_raw, f"image config {manifest.config.digest} of {where}")
+    return TurboImage(
+        ref, digest, raw, media_type, manifest.config.digest, manifest.config.media_type,
+        config_raw, _diff_ids(config, f"image config {manifest.config.digest} of {where}"),
+    )
+
+
+def _client(ref: Reference, scheme: str | None, retries: int, timeout: float) -> RegistryClient:
+    from turbofs.auth import auth_for_registry
+
+    return RegistryClient(ref.registry, scheme=scheme, auth=auth_for_registry(ref.registry), retries=retries, timeout=timeout)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    return anyio.run(fn)
+
+
+def fetch_image(
+    ref: str,
+    *,
+    manifest_digest: str | None = None,
+    scheme: str | None = None,
+    platform: str | None = None,
+    retries: int = 5,
+    timeout: float = 60.0,
+) -> TurboImage:
+    """The turbo image ``ref`` names (pinned to ``manifest_digest`` if given). Blocking.
+
+    Raises NotFound (no such repository, tag or manifest), RegistryError (the registry
+    refused or is unreachable), FormatError (a corrupt manifest or config, or a plain image).
+    """
+    try:
+        reference = Reference.parse(ref)
+    except UsageError as exc:
+        raise UsageError(f"image reference {ref!r}: {exc}") from None
+    if manifest_digest is not None:
+        try:
+            oci.check_digest(manifest_digest)
+        except FormatError as exc:
+            raise UsageError(f"manifest digest: {exc}") from None
+
+    async def go() -> TurboImage:
+        async with _client(reference, scheme, retries, timeout) as client:
+            img = await _fetch(client, reference, manifest_digest or reference.reference, platform, require_turbo=True)
+            assert img is not None
+            return TurboImage(**{**img.__dict__, "scheme": scheme})
+
+    return _run(go)
+
+
+class Resolver:
+    """Turbo images by reference, for the snapshotter: cached, with the CRI twin rule."""
+
+    def __init__(self, *, plain_http: list[str] | None = None, retries: int = 2, timeout: float = 30.0,
+                 turbo_tag_suffix: str = "-turbo") -> None:
+        self.plain_http = set(plain_http or [])
+        self.retries = retries
+        self.timeout = timeout
+        self.suffix = turbo_tag_suffix
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str, str], tuple[TurboImage | None, float]] = OrderedDict()
+
+    def scheme(self, registry: str) -> str | None:
+        return "http" if registry in self.plain_http else None
+
+    def _remember(self, key: tuple[str, str, str], value: TurboImage | None) -> None:
+        """Cache a result: a turbo image (named by digest: for good) or None (for a while)."""
+        with self._lock:
+            self._cache[key] = (value, time.monotonic() + (NEGATIVE_TTL if value is None else float("inf")))
+            self._cache.move_to_end(key)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+
+    def _cached(self, key: tuple[str, str, str]) -> tuple[bool, TurboImage | None]:
+        with self._lock:
+            if key in self._cache:
+                value, until = self._cache[key]
+                if time.monotonic() < until:
+                    self._cache.move_to_end(key)
+                    return True, value
+                del self._cache[key]
+        return False, None
+
+    def turbo(self, ref: str, manifest_digest: str) -> TurboImage:
+        """The turbo image ``ref`` pinned to ``manifest_digest`` (``turbofs pull``'s labels)."""
+        key = ("turbo", ref, manifest_digest)
+        hit, img = self._cached(key)
+        if hit and img is not None:
+            return img
+        reference = Reference.parse(ref) if "/" in ref else None
+        if reference is None:
+            raise UsageError(f"image reference {ref!r}: expected REGISTRY/REPOSITORY[:TAG]")
+        img = fetch_image(ref, manifest_digest=manifest_digest, scheme=self.scheme(reference.registry),
+                          retries=self.retries, timeout=self.timeout)
+        self._remember(key, img)
+        return img
+
+    def for_cri(self, ref: str, manifest_digest: str) -> TurboImage | None:
+        """The turbo image to mount for the plain or turbo image CRI pulls, or None."""
+        key = ("cri", ref, manifest_digest)
+        hit, img = self._cached(key)
+        if hit:
+            return img
+        try:
+            reference = Reference.parse(ref)
+            oci.check_digest(manifest_digest)
+        except TurboError as exc:
+            log.info("CRI labels name %s@%s, which is no registry reference (%s): ordinary unpack", ref, manifest_digest, exc)
+            self._remember(key, None)
+            return None
+        if reference.registry == "docker.io":
+            reference = dataclasses.replace(reference, registry=DOCKER_HUB)
+        scheme = self.scheme(reference.registry)
+
+        async def go() -> TurboImage | None:
+            async with _client(reference, scheme, self.retries, self.timeout) as client:
+                _, _, digest, obj = await _resolve(client, reference, manifest_digest, None)
+                if is_turbo_manifest(obj):
+                    return await _fetch(client, reference, digest, None, require_turbo=True)
+                if not reference.tag:
+                    return None
+                twin_tag = reference.tag + self.suffix
+                try:
+                    twin = await _fetch(client, reference, twin_tag, None, require_turbo=False)
+                except NotFound:
+                    return None
+                if twin is None:
+                    return None
+                plain_config = oci.Descriptor.from_json(obj.get("config"), f"manifest {digest}").digest
+                source = json.loads(twin.manifest).get("annotations", {}).get(oci.ANN_TURBO_SOURCE)
+                if source != digest and twin.config_digest != plain_config:
+                    log.info("%s:%s is not a conversion of %s@%s: ordinary unpack", reference.repository, twin_tag, ref, digest)
+                    return None
+                return twin
+
+        try:
+            img = _run(go)
+        except TurboError as exc:
+            # the CRI plugin unpacks the layers itself when we decline; it reports its own errors
+            log.warning("CRI image %s@%s: no lazy mount (%s): ordinary unpack", ref, manifest_digest, exc)
+            self._remember(key, None)
+            return None
+        if img is not None:
+            img = TurboImage(**{**img.__dict__, "scheme": scheme})
+        self._remember(key, img)
+        return img
+
+
+__all__ = ["Resolver", "TurboImage", "fetch_image"]
