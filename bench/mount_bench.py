@@ -181,6 +181,13 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
     return round((after[0] - before[0]) / total * (os.cpu_count() or 1), 2) if total else 0.0
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU seconds of one thread (``tid == pid``: the main thread, which runs
+    trio's loop and holds the GIL for all Python work in the daemon)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -525,6 +532,27 @@ def curl_blob(url: str, netns: str | None) -> dict[str, float]:
             "mb_per_s": round(size / total / MB, 1)}
 
 
+def curl_parallel(url: str, netns: str | None, size: int, flows: int) -> dict[str, float]:
+    """``flows`` curl processes at once, each a ``Range`` of 1/flows of the blob."""
+    part = size // flows
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([*nsenter(netns), "curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download}",
+                          "-r", f"{i * part}-{(i + 1) * part - 1}", url], stdout=subprocess.PIPE, text=True)
+        for i in range(flows)
+    ]
+    got = 0
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"curl -r of {url} failed ({proc.returncode})")
+        got += int(float(out))
+    seconds = time.perf_counter() - t0
+    if got != part * flows:
+        raise RuntimeError(f"curl -r: {got} bytes, expected {part * flows} (no Range support?)")
+    return {"flows": flows, "bytes": got, "seconds": round(seconds, 4), "mb_per_s": round(got / seconds / MB, 1)}
+
+
 # --------------------------------------------------------------------------- mounts
 
 
@@ -804,11 +832,13 @@ def bench_cold_read(mounts: Mounts, ref: str, names: Sequence[str], runs: int, *
         m = mounts.mount(ref, mp, cache, *extra, netns=netns, config=config)
         reg0 = cpu_seconds(registry_pid) if registry_pid else 0.0
         d0 = cpu_seconds(m.pid)
+        main0 = thread_cpu_seconds(m.pid, m.pid)
         me0 = time.process_time()
         sys0 = cpu_jiffies()
         nbytes, seconds = read_files([mp / n for n in names])
         sys1 = cpu_jiffies()
         me1 = time.process_time()
+        main1 = thread_cpu_seconds(m.pid, m.pid)
         d1 = cpu_seconds(m.pid)
         reg1 = cpu_seconds(registry_pid) if registry_pid else 0.0
         figures = fetch_figures(mounts.metrics(mp))
@@ -818,6 +848,7 @@ def bench_cold_read(mounts: Mounts, ref: str, names: Sequence[str], runs: int, *
             "bytes": nbytes, "seconds": round(seconds, 3), "mb_per_s": round(nbytes / seconds / MB, 1),
             "wire_bytes": int(wire), "wire_mb_per_s": round(wire / seconds / MB, 1),
             "daemon_cpu_s": round(d1 - d0, 2), "registry_cpu_s": round(reg1 - reg0, 2) if registry_pid else None,
+            "daemon_main_thread_busy": round((main1 - main0) / seconds, 2),
             "reader_cpu_s": round(me1 - me0, 2), "machine_busy_cores": busy_cores(sys0, sys1),
             "fuse_reads": fuse.get("read", 0),
             **{k: (round(v, 3) if k.endswith("_sum") else int(v)) for k, v in figures.items()},
@@ -830,12 +861,14 @@ def bench_cold_read(mounts: Mounts, ref: str, names: Sequence[str], runs: int, *
         mounts.umount(mp)
         shutil.rmtree(cache, ignore_errors=True)
         log(f"  cold read: {rows[-1]['mb_per_s']} MB/s ({seconds:.2f} s, daemon CPU {d1 - d0:.2f} s, "
+            f"main thread {rows[-1]['daemon_main_thread_busy']:.0%} busy, "
             f"{rows[-1]['mean_fetches_in_flight']} fetches in flight of {rows[-1]['mean_fetch_ms']} ms, "
             f"machine busy {rows[-1]['machine_busy_cores']} cores)")
     return {
         "mb_per_s": stats([r["mb_per_s"] for r in rows], 1),
         "wire_mb_per_s": stats([r["wire_mb_per_s"] for r in rows], 1),
         "daemon_cpu_s": stats([r["daemon_cpu_s"] for r in rows], 2),
+        "daemon_main_thread_busy": stats([r["daemon_main_thread_busy"] for r in rows], 2),
         "mean_fetch_ms": stats([r["mean_fetch_ms"] or 0.0 for r in rows], 2),
         "mean_fetches_in_flight": stats([r["mean_fetches_in_flight"] for r in rows], 2),
         "machine_busy_cores": stats([r["machine_busy_cores"] for r in rows], 2),
@@ -1028,29 +1061,54 @@ def cpu_components(layout: Path, chunks: int = 64) -> dict[str, Any]:
         }
 
 
-def client_fetch_cost(ref: str, batch: int = 4) -> dict[str, Any]:
-    """The registry client alone, in this process: every chunk of ``ref`` fetched in
-    batches of ``batch`` adjacent chunks, one fetch at a time (as a sequential reader's
-    readahead does), frames not decoded. Wall time and this process's CPU per MB."""
+def client_fetch_cost(ref: str, batch: int = 4, parallel: int = 1, netns: str | None = None,
+                      decode: bool = False) -> dict[str, Any]:
+    """The registry client alone: every chunk of ``ref`` fetched in batches of ``batch``
+    adjacent chunks (1 MiB: what a sequential reader's readahead asks for), ``parallel``
+    fetches at a time; with ``decode``, each batch is then decompressed and checked in a
+    worker thread, as the daemon does (no disk write, no FUSE). Wall time and CPU per MB.
+    With ``netns`` it runs as a child process in that network namespace."""
+    if netns:
+        proc = run_cmd([*nsenter(netns), PYTHON, "-m", "bench.mount_bench", "client-fetch", ref,
+                        "--batch", str(batch), "--parallel", str(parallel), *(["--decode"] if decode else [])])
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
     import trio
 
+    from turbofs.node.cache import decode_frame
     from turbofs.node.source import open_image
+
+    def decode_all(picked: Sequence[Any], frames: Sequence[bytes]) -> None:
+        for c, frame in zip(picked, frames, strict=True):
+            decode_frame(c, frame)
 
     async def go() -> tuple[int, float, float, int]:
         opened = await open_image(ref, scheme="http")
         try:
             chunks = sorted(opened.index.chunks(), key=lambda c: (c.blob, c.offset))
+            batches = iter(range(0, len(chunks), batch))
             total = 0
+
+            async def worker() -> None:
+                nonlocal total
+                for i in batches:
+                    picked = chunks[i : i + batch]
+                    frames = await opened.source.fetch(picked)
+                    if decode:
+                        await trio.to_thread.run_sync(decode_all, picked, frames)
+                    total += sum(len(f) for f in frames)
+
             t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(0, len(chunks), batch):
-                total += sum(len(f) for f in await opened.source.fetch(chunks[i : i + batch]))
+            async with trio.open_nursery() as nursery:
+                for _ in range(parallel):
+                    nursery.start_soon(worker)
             return total, time.perf_counter() - t0, time.process_time() - c0, len(chunks)
         finally:
             await opened.source.aclose()
 
     total, wall, cpu, n = trio.run(go)
-    return {"chunks": n, "batch_chunks": batch, "bytes": total, "mb_per_s": round(total / wall / MB, 1),
-            "cpu_ms_per_mb": round(cpu / (total / MB) * 1e3, 3)}
+    return {"chunks": n, "batch_chunks": batch, "parallel": parallel, "decode": decode, "bytes": total,
+            "mb_per_s": round(total / wall / MB, 1), "cpu_ms_per_mb": round(cpu / (total / MB) * 1e3, 3)}
 
 
 # --------------------------------------------------------------------------- 4. metadata latency
@@ -1148,6 +1206,7 @@ def bench_prefetch(mounts: Mounts, ref: str, compressed: int, runs: int, *, netn
             m = mounts.mount(ref, mp, cache, "--wait", netns=netns)
             hwm = proc_status_kib(m.pid, "VmHWM")
             rss_after = proc_status_kib(m.pid, "VmRSS")
+            main_cpu = thread_cpu_seconds(m.pid, m.pid)
         sys1 = cpu_jiffies()
         reg1 = cpu_seconds(registry_pid) if registry_pid else 0.0
         time.sleep(1.0)
@@ -1172,6 +1231,7 @@ def bench_prefetch(mounts: Mounts, ref: str, compressed: int, runs: int, *, netn
             "rss_after_mib": round(rss_after / 1024, 1),
             "rss_after_1s_mib": round(rss_idle / 1024, 1),
             "daemon_cpu_s": round(cpu_seconds(m.pid), 2),
+            "daemon_main_thread_cpu_s": round(main_cpu, 2),
             "registry_cpu_s": round(reg1 - reg0, 2) if registry_pid else None,
             "machine_busy_cores": busy_cores(sys0, sys1),
             "disk_cache": status.get("cache", {}),
@@ -1181,7 +1241,7 @@ def bench_prefetch(mounts: Mounts, ref: str, compressed: int, runs: int, *, netn
         r = rows[-1]
         log(f"  prefetch: {r['command_seconds']} s ({r['command_mb_per_s']} MB/s; prefetcher "
             f"{r['prefetcher_mb_per_s']} MB/s), VmHWM {r['vm_hwm_mib']} MiB, after {r['rss_after_mib']} MiB, "
-            f"daemon CPU {r['daemon_cpu_s']} s")
+            f"daemon CPU {r['daemon_cpu_s']} s (main thread {r['daemon_main_thread_cpu_s']} s)")
     return {
         "command_seconds": stats([r["command_seconds"] for r in rows]),
         "command_mb_per_s": stats([r["command_mb_per_s"] for r in rows], 1),
@@ -1189,6 +1249,7 @@ def bench_prefetch(mounts: Mounts, ref: str, compressed: int, runs: int, *, netn
         "vm_hwm_mib": stats([r["vm_hwm_mib"] for r in rows], 1),
         "rss_after_mib": stats([r["rss_after_mib"] for r in rows], 1),
         "daemon_cpu_s": stats([r["daemon_cpu_s"] for r in rows], 2),
+        "daemon_main_thread_cpu_s": stats([r["daemon_main_thread_cpu_s"] for r in rows], 2),
         "machine_busy_cores": stats([r["machine_busy_cores"] for r in rows], 2),
         "runs": rows,
     }
@@ -1348,8 +1409,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             curl_blob(url, NS_NODE)  # warm the registry's page cache
             sh["curl_blob"] = [curl_blob(url, NS_NODE) for _ in range(runs)]
             sh["curl_blob_mb_per_s"] = stats([r["mb_per_s"] for r in sh["curl_blob"]], 1)
+            sh["curl_blob_4_flows"] = [curl_parallel(url, NS_NODE, LINK_BLOB_BYTES, 4) for _ in range(runs)]
+            sh["curl_blob_4_flows_mb_per_s"] = stats([r["mb_per_s"] for r in sh["curl_blob_4_flows"]], 1)
             link_mb = sh["curl_blob_mb_per_s"]["median"]
-            log(f" link: curl {link_mb} MB/s (tbf rate {LINK_BITS / 8 / MB:.0f} MB/s)")
+            log(f" link: curl {link_mb} MB/s, 4 flows {sh['curl_blob_4_flows_mb_per_s']['median']} MB/s "
+                f"(tbf rate {LINK_BITS / 8 / MB:.0f} MB/s)")
+            sh["client_fetch_bigfiles"] = []
+            for parallel, decode in ((1, False), (2, False), (4, False), (2, True)):
+                sh["client_fetch_bigfiles"].append(
+                    client_fetch_cost(f"{rreg}/bench/bigfiles:v1", 4, parallel, NS_NODE, decode))
+                log(f" registry client alone, 1 MiB fetches, {parallel} at a time, decode {decode}: "
+                    f"{sh['client_fetch_bigfiles'][-1]}")
             log(" 1. mount to ready through the link")
             sh["ready_files100k_defaults"] = bench_ready(mounts, f"{rreg}/bench/files100k:v1", runs,
                                                          netns=NS_NODE, probe=probe)
@@ -1388,6 +1458,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client-fetch"]:  # internal: client_fetch_cost inside a network namespace
+        sub = argparse.ArgumentParser(prog="python -m bench.mount_bench client-fetch")
+        sub.add_argument("ref")
+        sub.add_argument("--batch", type=int, default=4)
+        sub.add_argument("--parallel", type=int, default=1)
+        sub.add_argument("--decode", action="store_true")
+        a = sub.parse_args(argv[1:])
+        print(json.dumps(client_fetch_cost(a.ref, a.batch, a.parallel, decode=a.decode)))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.mount_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     p.add_argument("--files", type=int, default=100_000, help="files of the many-files image")

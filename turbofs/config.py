@@ -30,11 +30,11 @@ DEFAULT_CHUNK_SIZE: Final = 256 * KiB
 DEFAULT_ZSTD_LEVEL: Final = 3
 #: Chunk blobs are cut where a chunk digest says so (content-defined, so one changed
 #: chunk changes one blob) once they hold at least the minimum, and always at the maximum.
-#: A one-file change re-uploads one blob plus the index: 2 MiB blobs on average keep that
-#: well under 1% of a 1 GB image (bench/README.md, "push").
-DEFAULT_BLOB_MIN: Final = 1 * MiB
-DEFAULT_BLOB_AVG: Final = 2 * MiB
-DEFAULT_BLOB_MAX: Final = 8 * MiB
+#: A one-file change re-uploads one blob plus the index and the manifest: blobs of 1 MiB
+#: on average keep that near half a percent of a 1 GB image (bench/README.md, "push").
+DEFAULT_BLOB_MIN: Final = 512 * KiB
+DEFAULT_BLOB_AVG: Final = 1 * MiB
+DEFAULT_BLOB_MAX: Final = 4 * MiB
 DEFAULT_MAX_LAYER_SIZE: Final = 64 * GiB  # uncompressed bytes of one layer
 DEFAULT_MAX_IMAGE_SIZE: Final = 256 * GiB  # uncompressed bytes of all layers
 DEFAULT_MAX_ENTRIES: Final = 10_000_000  # tar entries over all layers

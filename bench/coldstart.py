@@ -1,0 +1,618 @@
+"""Cold start: from nothing on the node to the inference process printing ``READY``.
+
+Two paths, measured under the same conditions:
+
+``standard``
+    Debian's docker-registry (CNCF distribution) holds the ordinary image; containerd 1.6
+    ``ctr images pull --plain-http`` then ``ctr run`` (overlayfs snapshotter).
+``turbofs``
+    the turbofs registry holds the turbo image (``turbofs build`` of the same layout);
+    ``turbofs run --plain-http`` through the turbofs snapshotter (lazy mount, background
+    prefetch).
+
+The link: two network namespaces, ``tfscold-reg`` (both registries, 10.215.0.1/30) and
+``tfscold-node`` (10.215.0.2/30), one veth pair between them, ``tc tbf`` on the egress of
+both ends at ``--rate`` (default 1gbit; ``none``: unshaped). This process enters
+``tfscold-node`` (only its network namespace: mounts and processes stay in the root
+namespaces), so the snapshotter, containerd (snapshotter first, then containerd with a
+``[proxy_plugins.turbofs]`` section), their mount daemons, ``ctr`` and ``turbofs run`` all
+reach the registries at 10.215.0.1 over that link; the registries are started with
+``nsenter --net`` into ``tfscold-reg``. No address is added outside these namespaces, and
+they are deleted at the end.
+
+Every run starts from a clean node: a fresh containerd and snapshotter (new root, state,
+content store, snapshots and chunk cache), the page cache dropped. Runs alternate between
+the two paths. A run records:
+
+* ``ready_s``: seconds from the first command (``ctr images pull`` / ``turbofs run``) to the
+  container's ``READY`` line on its stdout (for the standard path also ``pull_s``);
+* ``bytes_at_ready`` and ``bytes_total``: bytes received by the node's end of the veth
+  (everything: HTTP, TCP/IP overhead);
+* turbofs: the working set (compressed chunk bytes fetched on demand and by read-ahead
+  until ``READY``, from the mount daemon's metrics), fetch counts and seconds per kind,
+  the daemon's peak RSS (``VmHWM``), and ``prefetch_s``, the time from the start to a
+  complete background prefetch;
+* ``warm_s``: the same container started again once everything is local, page cache
+  dropped (a warm start from local disk).
+
+The lower bound of a cold start is the warm start of the standard path (native overlayfs
+on local disk) plus the turbofs working set sent at the link rate.
+
+Output: raw JSON at ``--out`` (default ``bench/results/coldstart.json``), a chart next to it
+(``.png``) and a Markdown table on stdout (also in the JSON).
+
+Command line::
+
+    python -m bench.coldstart [--images python-1g] [--runs 3] [--rate 1gbit|none]
+        [--out bench/results/coldstart.json]
+
+Images come from :mod:`bench.images` (cached); their turbo layouts are cached under
+``$TURBOFS_CACHE/bench/coldstart/``. Needs root, /dev/fuse, containerd, ctr, runc,
+docker-registry, skopeo, iproute2 (ip, tc) and nsenter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+from tests.containerd_fixtures import Containerd
+from tests.registry_fixtures import DistributionRegistry, RegistryProcess, TurbofsRegistry
+from tests.snapshotter_fixtures import SnapshotterProcess, proxy_plugin_toml
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+PYTHON: Final = sys.executable
+NS_REG: Final = "tfscold-reg"
+NS_NODE: Final = "tfscold-node"
+VETH_REG: Final = "tfscold-r"
+VETH_NODE: Final = "tfscold-n"
+ADDR_REG: Final = "10.215.0.1"
+ADDR_NODE: Final = "10.215.0.2"
+NS_PREFIX: Final = 30
+PORT_DISTRIBUTION: Final = 5000
+PORT_TURBOFS: Final = 5050
+CLONE_NEWNET: Final = 0x40000000
+READY_TIMEOUT: Final = 900.0
+PREFETCH_TIMEOUT: Final = 1800.0
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """An image of :mod:`bench.images` and how its container is told to print READY."""
+
+    name: str
+    #: command replacing the image's entrypoint (None: the image's own prints READY)
+    command: tuple[str, ...] | None = None
+
+
+BENCH_IMAGES: Final[dict[str, BenchImage]] = {
+    "python-1g": BenchImage("python-1g"),
+    # CI's small variant: reads a few files of the image, then prints READY
+    "sample": BenchImage("sample", ("sh", "-c", "cat /app/run.sh /app/VERSION >/dev/null && echo READY 0")),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[coldstart {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_cmd(argv: Sequence[str], *, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def parse_rate(text: str) -> int | None:
+    """``1gbit``, ``500mbit``, ``100kbit``, a plain bit rate, or ``none`` -> bits/s (None)."""
+    text = text.strip().lower()
+    if text in ("none", "0", ""):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)(?:bit)?", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r} (e.g. 1gbit, 500mbit, none)")
+    return int(float(m[1]) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m[2]])
+
+
+def stats(values: Sequence[float], digits: int = 3) -> dict[str, float]:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "n": len(values)}
+
+
+# --------------------------------------------------------------------------- the link
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class Link:
+    """Two namespaces joined by a veth pair, tbf on both egresses unless unshaped."""
+
+    def __init__(self, rate_bps: int | None) -> None:
+        self.rate_bps = rate_bps
+        self._home: int | None = None
+
+    @staticmethod
+    def _exists(ns: str) -> bool:
+        return Path(f"/run/netns/{ns}").exists()
+
+    def tbf(self) -> list[str]:
+        assert self.rate_bps is not None
+        # burst: at least rate/HZ (250) and a few jumbo frames; 50 ms of queue
+        burst = max(256 * 1024, self.rate_bps // 8 // 250)
+        return ["tbf", "rate", f"{self.rate_bps}bit", "burst", str(burst), "latency", "50ms"]
+
+    def setup(self) -> dict[str, Any]:
+        self.teardown()  # a killed run may have left them
+        cmds = [
+            ["ip", "netns", "add", NS_REG],
+            ["ip", "netns", "add", NS_NODE],
+            ["ip", "-n", NS_REG, "link", "add", VETH_REG, "type", "veth", "peer", "name", VETH_NODE,
+             "netns", NS_NODE],
+            ["ip", "-n", NS_REG, "addr", "add", f"{ADDR_REG}/{NS_PREFIX}", "dev", VETH_REG],
+            ["ip", "-n", NS_NODE, "addr", "add", f"{ADDR_NODE}/{NS_PREFIX}", "dev", VETH_NODE],
+            ["ip", "-n", NS_REG, "link", "set", "lo", "up"],
+            ["ip", "-n", NS_NODE, "link", "set", "lo", "up"],
+            ["ip", "-n", NS_REG, "link", "set", VETH_REG, "up"],
+            ["ip", "-n", NS_NODE, "link", "set", VETH_NODE, "up"],
+        ]
+        if self.rate_bps is not None:
+            cmds += [["tc", "-n", NS_REG, "qdisc", "add", "dev", VETH_REG, "root", *self.tbf()],
+                     ["tc", "-n", NS_NODE, "qdisc", "add", "dev", VETH_NODE, "root", *self.tbf()]]
+        for argv in cmds:
+            run_cmd(argv)
+        qdisc = run_cmd(["tc", "-n", NS_REG, "qdisc", "show", "dev", VETH_REG]).stdout.strip()
+        return {"namespaces": [NS_REG, NS_NODE], "registry_address": ADDR_REG, "node_address": ADDR_NODE,
+                "rate_bps": self.rate_bps, "qdisc": qdisc}
+
+    def enter_node(self) -> None:
+        """Move this process (and so every child it starts from now on) into the node namespace."""
+        self._home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        _setns(f"/run/netns/{NS_NODE}")
+
+    def leave_node(self) -> None:
+        if self._home is not None:
+            _setns(f"/proc/self/fd/{self._home}")
+            os.close(self._home)
+            self._home = None
+
+    def teardown(self) -> None:
+        self.leave_node()
+        for ns in (NS_REG, NS_NODE):
+            if self._exists(ns):
+                run_cmd(["ip", "netns", "del", ns], check=False)
+
+    def rx_bytes(self) -> int:
+        """Bytes the node's end of the veth received so far."""
+        out = run_cmd(["ip", "-n", NS_NODE, "-j", "-s", "link", "show", "dev", VETH_NODE]).stdout
+        return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def _nsenter(argv: list[str]) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{NS_REG}", *argv]
+
+
+class RegTurbofs(TurbofsRegistry):
+    """The turbofs registry in the registry namespace; pushes open (a benchmark's own link)."""
+
+    def _argv(self) -> list[str]:
+        return _nsenter(super()._argv())
+
+
+class RegDistribution(DistributionRegistry):
+    """docker-registry in the registry namespace, on a fixed port."""
+
+    def __init__(self, workdir: Path) -> None:
+        RegistryProcess.__init__(self, workdir, workdir / "storage", host=ADDR_REG, port=PORT_DISTRIBUTION)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "config.yml"
+        self.config_path.write_text(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+            f"http:\n  addr: {ADDR_REG}:{PORT_DISTRIBUTION}\n"
+        )
+
+    def _argv(self) -> list[str]:
+        return _nsenter(super()._argv())
+
+
+def turbo_layout(name: str, layout: Path) -> Path:
+    """The turbo image of ``layout``, built once and cached."""
+    from bench.images import cache_dir
+    from index_builder.builder import build
+
+    stamp = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"].split(":")[1][:16]
+    out = cache_dir() / "bench" / "coldstart" / f"{name}-{stamp}-turbo"
+    if not (out / "index.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log(f"turbofs build {name} -> {out}")
+        build(f"oci:{layout}:latest", out, force=True, progress=False)
+    return out
+
+
+def skopeo_copy(src: str, dest: str, *extra: str) -> None:
+    run_cmd(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest])
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class Node:
+    """A fresh snapshotter + containerd (snapshotter first), all state in new folders."""
+
+    def __init__(self) -> None:
+        self.sn: SnapshotterProcess | None = None
+        self.ctrd: Containerd | None = None
+
+    def start(self, *, prefetch: bool = True) -> None:
+        base = Path(tempfile.mkdtemp(prefix="tfs-cold-", dir="/tmp"))
+        self.sn = SnapshotterProcess(base, settings=f'plain_http = ["{ADDR_REG}:{PORT_TURBOFS}"]')
+        if not prefetch:  # [daemon] is the file's last table
+            with self.sn.config_path.open("a") as fh:
+                fh.write("prefetch = false\n")
+        self.sn.start()
+        self.ctrd = Containerd(proxy_plugin_toml(self.sn.address)).start()
+
+    def stop(self) -> None:
+        ctrd, sn, self.ctrd, self.sn = self.ctrd, self.sn, None, None
+        if ctrd is not None:
+            ctrd.stop()
+        if sn is not None:
+            sn.cleanup()
+
+    @property
+    def c(self) -> Containerd:
+        assert self.ctrd is not None
+        return self.ctrd
+
+    @property
+    def snap(self) -> SnapshotterProcess:
+        assert self.sn is not None
+        return self.sn
+
+    def reset(self, *, prefetch: bool = True) -> None:
+        self.stop()
+        drop_caches()
+        self.start(prefetch=prefetch)
+
+
+def _ready_line(out: IO[str], deadline: float, marker: str = "READY") -> tuple[float, list[str]]:
+    """Read lines until one starts with ``marker``: (monotonic time it came, lines so far)."""
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = out.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith(marker):
+            return time.monotonic(), lines
+    raise RuntimeError("no READY line; output:\n" + "\n".join(lines[-40:]))
+
+
+def _timed_ready(argv: Sequence[str], t0: float | None = None) -> tuple[float, list[str]]:
+    """Run ``argv``; seconds from ``t0`` (default: now) to its READY line; then wait for its end."""
+    start = time.monotonic() if t0 is None else t0
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO_ROOT, errors="replace")
+    assert proc.stdout is not None
+    try:
+        t_ready, lines = _ready_line(proc.stdout, start + READY_TIMEOUT)
+        rest = proc.stdout.read()
+        rc = proc.wait(120)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {rc}:\n" + "\n".join(lines) + rest)
+    return t_ready - start, lines
+
+
+def _metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "_bucket{" not in line:
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def _fetch_figures(metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for kind in ("demand", "readahead", "prefetch"):
+        out[f"{kind}_bytes"] = metrics.get(f'turbofs_fetch_bytes_total{{kind="{kind}"}}', 0.0)
+        out[f"{kind}_chunks"] = metrics.get(f'turbofs_fetch_chunks_total{{kind="{kind}"}}', 0.0)
+        out[f"{kind}_fetches"] = metrics.get(f'turbofs_fetch_seconds_count{{kind="{kind}"}}', 0.0)
+        out[f"{kind}_fetch_seconds_sum"] = round(metrics.get(f'turbofs_fetch_seconds_sum{{kind="{kind}"}}', 0.0), 4)
+    out["http_requests"] = sum(v for k, v in metrics.items() if k.startswith("turbofs_registry_requests_total"))
+    return out
+
+
+def _vm_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Refs:
+    plain: str
+    turbo: str
+
+
+def run_standard(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
+    c = node.c
+    ctr = ["ctr", "--address", c.address, "--namespace", c.namespace]
+    b0 = link.rx_bytes()
+    t0 = time.monotonic()
+    run_cmd([*ctr, "images", "pull", "--plain-http", refs.plain], timeout=READY_TIMEOUT)
+    pull_s = time.monotonic() - t0
+    cmd = list(image.command or ())
+    ready_s, lines = _timed_ready([*ctr, "run", "--rm", refs.plain, f"std-{secrets.token_hex(3)}", *cmd], t0)
+    b1 = link.rx_bytes()
+    drop_caches()
+    warm_s, _ = _timed_ready([*ctr, "run", "--rm", refs.plain, f"std-w-{secrets.token_hex(3)}", *cmd])
+    return {"path": "standard", "ready_s": round(ready_s, 3), "pull_s": round(pull_s, 3),
+            "bytes_at_ready": b1 - b0, "bytes_total": b1 - b0, "warm_s": round(warm_s, 3),
+            "ready_line": lines[-1]}
+
+
+def _turbofs_argv(node: Node, image: BenchImage, refs: Refs) -> list[str]:
+    c = node.c
+    where = ["--address", c.address, "--namespace", c.namespace, "--snapshotter", "turbofs", "--plain-http"]
+    argv = [PYTHON, "-m", "turbofs.cli", "run", "--rm", *where]
+    if image.command:
+        return [*argv, "--entrypoint", image.command[0], refs.turbo, "--", *image.command[1:]]
+    return [*argv, refs.turbo]
+
+
+def working_set(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
+    """A cold ``turbofs run`` without background prefetch: what the startup itself fetches."""
+    from turbofs.node import daemon
+
+    node.reset(prefetch=False)
+    b0 = link.rx_bytes()
+    ready_s, lines = _timed_ready(_turbofs_argv(node, image, refs))
+    b1 = link.rx_bytes()
+    sn = node.snap
+    (mp,) = sn.turbofs_mounts()
+    fetched = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
+    ws = int(fetched["demand_bytes"] + fetched["readahead_bytes"])
+    return {"path": "turbofs-no-prefetch", "ready_s": round(ready_s, 3), "bytes_at_ready": b1 - b0,
+            "working_set_bytes": ws, "fetch": fetched, "ready_line": lines[-1]}
+
+
+def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
+    sn = node.snap
+    argv = _turbofs_argv(node, image, refs)
+    b0 = link.rx_bytes()
+    t0 = time.monotonic()
+    ready_s, lines = _timed_ready(argv, t0)
+    b_ready = link.rx_bytes()
+    (mp,) = sn.turbofs_mounts()
+    from turbofs.node import daemon
+
+    at_ready = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
+    status = json.loads(daemon.query(mp, "status", sn.run_dir))
+    mount_started_s = time.time() - float(status["uptime"])  # wall clock of the daemon's start
+    daemon_start_after_s = round(ready_s - (time.time() - mount_started_s), 3)
+    # wait for the complete background prefetch
+    deadline = t0 + PREFETCH_TIMEOUT
+    while True:
+        status = json.loads(daemon.query(mp, "status", sn.run_dir))
+        state = status.get("prefetch", {}).get("state")
+        if state in ("done", "stopped", "disabled") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    prefetch_s = time.monotonic() - t0
+    b_all = link.rx_bytes()
+    final = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
+    pid = int(status["pid"])
+    rss = {"peak_rss_kib": _vm_kib(pid, "VmHWM"), "rss_kib": _vm_kib(pid, "VmRSS")}
+    drop_caches()
+    warm_s, _ = _timed_ready(argv)
+    on_demand = at_ready["demand_bytes"] + at_ready["readahead_bytes"]
+    return {"path": "turbofs", "ready_s": round(ready_s, 3), "bytes_at_ready": b_ready - b0,
+            "bytes_total": b_all - b0, "on_demand_bytes_at_ready": int(on_demand),
+            "fetch_at_ready": at_ready, "fetch_final": final, "prefetch_state": state,
+            "prefetch_s": round(prefetch_s, 3), "prefetch": status.get("prefetch", {}),
+            "mount_daemon_started_at_s": daemon_start_after_s, "mode": status.get("mode"),
+            **rss, "warm_s": round(warm_s, 3), "ready_line": lines[-1]}
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def bench_image(image: BenchImage, runs: int, link: Link, regs: tuple[RegDistribution, RegTurbofs]) -> dict[str, Any]:
+    from bench.images import INFO_FILE, ensure_image
+
+    layout = ensure_image(image.name)
+    info = json.loads((layout / INFO_FILE).read_text())
+    turbo = turbo_layout(image.name, layout)
+    dist, treg = regs
+    refs = Refs(f"{dist.host_port}/{image.name}:latest", f"{treg.host_port}/{image.name}:turbo")
+    log(f"{image.name}: pushing to both registries through the link")
+    skopeo_copy(f"oci:{layout}:latest", f"docker://{refs.plain}", "--preserve-digests")
+    skopeo_copy(f"oci:{turbo}:latest", f"docker://{refs.turbo}", "--preserve-digests")
+    turbo_bytes = sum(f.stat().st_size for f in (turbo / "blobs").rglob("*") if f.is_file())
+    rows: list[dict[str, Any]] = []
+    node = Node()
+    try:
+        ws = working_set(node, link, image, refs)
+        log(f"{image.name} working set: {ws['working_set_bytes'] / 1e6:.0f} MB "
+            f"(READY after {ws['ready_s']:.2f} s without prefetch)")
+        for i in range(runs):
+            order = (run_standard, run_turbofs) if i % 2 == 0 else (run_turbofs, run_standard)
+            for fn in order:
+                node.reset()
+                row = fn(node, link, image, refs)
+                row["run"] = i
+                log(f"{image.name} run {i} {row['path']}: READY after {row['ready_s']:.2f} s, "
+                    f"{row['bytes_at_ready'] / 1e6:.0f} MB at READY, warm {row['warm_s']:.2f} s")
+                rows.append(row)
+    finally:
+        node.stop()
+    return {"image": image.name, "uncompressed_bytes": info["uncompressed_bytes"],
+            "compressed_bytes": info["compressed_bytes"], "turbo_layout_bytes": turbo_bytes,
+            "command": list(image.command) if image.command else None, "working_set": ws,
+            "runs": rows, "summary": summarize(rows, ws["working_set_bytes"], link.rate_bps)}
+
+
+def summarize(rows: list[dict[str, Any]], ws: int, rate_bps: int | None) -> dict[str, Any]:
+    by = {p: [r for r in rows if r["path"] == p] for p in ("standard", "turbofs")}
+    out: dict[str, Any] = {}
+    for path, rs in by.items():
+        out[path] = {"ready_s": stats([r["ready_s"] for r in rs]), "warm_s": stats([r["warm_s"] for r in rs]),
+                     "bytes_at_ready": int(statistics.median([r["bytes_at_ready"] for r in rs])),
+                     "bytes_total": int(statistics.median([r["bytes_total"] for r in rs]))}
+    t = by["turbofs"]
+    out["turbofs"].update({
+        "working_set_bytes": ws,
+        "on_demand_bytes_at_ready": int(statistics.median([r["on_demand_bytes_at_ready"] for r in t])),
+        "prefetch_s": stats([r["prefetch_s"] for r in t]),
+        "peak_rss_mib": stats([r["peak_rss_kib"] / 1024 for r in t], 1),
+    })
+    out["lower_bound_s"] = round(out["standard"]["warm_s"]["median"] + (ws * 8 / rate_bps if rate_bps else 0.0), 3)
+    out["gain"] = round(out["standard"]["ready_s"]["median"] / out["turbofs"]["ready_s"]["median"], 2)
+    return out
+
+
+def _mmm(s: dict[str, float]) -> str:
+    return f"{s['median']:.1f} s ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rate = results["link"]["rate_bps"]
+    lines = [f"Link: {'unshaped veth' if rate is None else f'veth, tbf {rate / 1e9:g} Gbit/s'}; "
+             f"median (min-max) of {results['runs']} runs per path.", "",
+             "| image size | standard containerd | turbofs | gain | lower bound | turbofs bytes at READY "
+             "| standard bytes | prefetch complete | daemon peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for img in results["images"]:
+        s = img["summary"]
+        lines.append(
+            f"| {img['image']}: {img['uncompressed_bytes'] / 1e9:.2f} GB ({img['compressed_bytes'] / 1e9:.2f} GB gz) "
+            f"| {_mmm(s['standard']['ready_s'])} | {_mmm(s['turbofs']['ready_s'])} | {s['gain']:.1f}x "
+            f"| {s['lower_bound_s']:.1f} s | {s['turbofs']['bytes_at_ready'] / 1e6:.0f} MB "
+            f"(working set {s['turbofs']['working_set_bytes'] / 1e6:.0f} MB) "
+            f"| {s['standard']['bytes_total'] / 1e6:.0f} MB | {_mmm(s['turbofs']['prefetch_s'])} "
+            f"| {s['turbofs']['peak_rss_mib']['median']:.0f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = sorted(results["images"], key=lambda i: i["uncompressed_bytes"])
+    xs = [i["uncompressed_bytes"] / 1e9 for i in imgs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, marker in (("standard", "containerd (ctr pull + run)", "o"), ("turbofs", "turbofs run", "s")):
+        st = [i["summary"][key]["ready_s"] for i in imgs]
+        med = [s["median"] for s in st]
+        err = [[s["median"] - s["min"] for s in st], [s["max"] - s["median"] for s in st]]
+        ax.errorbar(xs, med, yerr=err, marker=marker, capsize=4, label=label)
+    ax.plot(xs, [i["summary"]["lower_bound_s"] for i in imgs], "k--", marker="x", label="lower bound")
+    rate = results["link"]["rate_bps"]
+    ax.set_title(f"Cold start to READY ({'unshaped' if rate is None else f'{rate / 1e9:g} Gbit/s'} link)")
+    ax.set_xlabel("image size, uncompressed (GB)")
+    ax.set_ylabel("seconds (median, min-max)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def bench_env(rate_bps: int | None) -> Iterator[tuple[Link, tuple[RegDistribution, RegTurbofs], dict[str, Any]]]:
+    link = Link(rate_bps)
+    work = Path(tempfile.mkdtemp(prefix="tfs-coldreg-", dir="/var/tmp"))
+    dist = RegDistribution(work / "distribution")
+    treg = RegTurbofs(work / "turbofs", settings={"push_auth": False}, host=ADDR_REG, port=PORT_TURBOFS)
+    try:
+        meta = link.setup()
+        link.enter_node()
+        dist.start()
+        treg.start()
+        yield link, (dist, treg), meta
+    finally:
+        for reg in (treg, dist):
+            with contextlib.suppress(Exception):
+                reg.stop()
+        link.teardown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--images", default="python-1g", help=f"comma-separated, of {', '.join(BENCH_IMAGES)}")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rate", type=parse_rate, default=parse_rate("1gbit"), help="link rate (1gbit, 500mbit, none)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/coldstart.json")
+    p.add_argument("--no-chart", action="store_true")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.images.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCH_IMAGES]
+    if unknown or args.runs < 1:
+        p.error(f"unknown images {unknown} (known: {', '.join(BENCH_IMAGES)})" if unknown else "--runs >= 1")
+    if os.geteuid() != 0:
+        p.error("needs root (network namespaces, containerd, FUSE)")
+    started = time.time()
+    results: dict[str, Any] = {"benchmark": "coldstart", "runs": args.runs, "host": platform.node(),
+                               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with bench_env(args.rate) as (link, regs, meta):
+        results["link"] = meta
+        results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs) for n in names]
+    results["seconds"] = round(time.time() - started, 1)
+    results["table"] = markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_chart:
+        chart(results, args.out.with_suffix(".png"))
+    print(results["table"], end="")
+    log(f"wrote {args.out} in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
