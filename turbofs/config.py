@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from turbofs.errors import UsageError
 
@@ -113,6 +113,13 @@ DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT: Final = 30.0
 DEFAULT_SNAPSHOTTER_WORKERS: Final = 16
 
 T = TypeVar("T")
+
+
+class _Validated(Protocol):
+    def validate(self) -> Any: ...
+
+
+C = TypeVar("C", bound=_Validated)
 
 
 @dataclass
@@ -279,26 +286,12 @@ class SnapshotterConfig:
 
 def snapshotter_config(path: Path | None = None, **overrides: Any) -> SnapshotterConfig:
     """The snapshotter settings: defaults, the config file's ``[snapshotter]`` table, flags."""
-    table = load_toml(path).get("snapshotter", {})
-    if not isinstance(table, dict):
-        raise UsageError("[snapshotter] in the config file must be a table")
-    cfg = _from_table(SnapshotterConfig, table, "[snapshotter]")
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg.validate()
+    return _load(SnapshotterConfig, "snapshotter", path, overrides)
 
 
 def daemon_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     """The daemon settings: defaults, then the config file's ``[daemon]`` table, then flags."""
-    table = load_toml(path).get("daemon", {})
-    if not isinstance(table, dict):
-        raise UsageError("[daemon] in the config file must be a table")
-    cfg = _from_table(DaemonConfig, table, "[daemon]")
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg.validate()
+    return _load(DaemonConfig, "daemon", path, overrides)
 
 
 _ENV_PREFIX: Final = "TURBOFS_REGISTRY_"
@@ -306,19 +299,15 @@ _ENV_PREFIX: Final = "TURBOFS_REGISTRY_"
 
 def registry_config(path: Path | None = None, **overrides: Any) -> RegistryConfig:
     """Registry settings: defaults, the ``[registry]`` table, ``TURBOFS_REGISTRY_*``, then flags."""
-    table = dict(load_toml(path).get("registry", {}))
     known = {f.name: f for f in dataclasses.fields(RegistryConfig)}
+    env: dict[str, Any] = {}
     for key, value in os.environ.items():
         if key.startswith(_ENV_PREFIX):
             name = key[len(_ENV_PREFIX) :].lower()
             if name not in known:
                 raise UsageError(f"environment variable {key}: unknown registry setting")
-            table[name] = _parse_env(name, value, known[name].type)
-    cfg = _from_table(RegistryConfig, table, "[registry]")
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg.validate()
+            env[name] = _parse_env(name, value, known[name].type)
+    return _load(RegistryConfig, "registry", path, overrides, env)
 
 
 def _parse_env(name: str, value: str, type_name: object) -> Any:
@@ -352,6 +341,20 @@ def _from_table(cls: type[T], table: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+def _load(cls: type[C], table_name: str, path: Path | None, overrides: dict[str, Any],
+          extra: dict[str, Any] | None = None) -> C:
+    """Defaults, then the config file's table, then ``extra`` (environment), then flags."""
+    table = load_toml(path).get(table_name, {})
+    if not isinstance(table, dict):
+        raise UsageError(f"[{table_name}] in the config file must be a table")
+    cfg = _from_table(cls, {**table, **(extra or {})}, f"[{table_name}]")
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
 def load_toml(path: Path | None) -> dict[str, Any]:
     """The parsed config file; an absent default file is an empty config."""
     target = path or DEFAULT_CONFIG_PATH
@@ -368,11 +371,4 @@ def load_toml(path: Path | None) -> dict[str, Any]:
 
 def build_config(path: Path | None = None, **overrides: Any) -> BuildConfig:
     """The build settings: defaults, then the config file's ``[build]`` table, then flags."""
-    table = load_toml(path).get("build", {})
-    if not isinstance(table, dict):
-        raise UsageError("[build] in the config file must be a table")
-    cfg = _from_table(BuildConfig, table, "[build]")
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg.validate()
+    return _load(BuildConfig, "build", path, overrides)

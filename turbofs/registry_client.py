@@ -32,6 +32,8 @@ DEFAULT_BACKOFF: Final = 0.2  # seconds, doubled per attempt, with full jitter
 DEFAULT_BACKOFF_MAX: Final = 5.0
 DEFAULT_TIMEOUT: Final = 60.0
 UPLOAD_PIECE: Final = 1 << 20
+#: Image indexes nested deeper than this are refused.
+MAX_INDEX_DEPTH: Final = 2
 #: Media type of a batched range answer: the ranges' bytes back to back, in request order.
 BATCH_MEDIA_TYPE: Final = "application/vnd.turbofs.batch.v1"
 
@@ -238,6 +240,29 @@ class RegistryClient:
         if not media_type or media_type == "application/json":
             media_type = str(oci.parse_json(data, what).get("mediaType", ""))
         return data, media_type, digest
+
+    async def get_image_manifest(
+        self, repo: str, reference: str, platform: str | None = None
+    ) -> tuple[bytes, str, str, dict[str, Any]]:
+        """(bytes, media type, digest, parsed JSON) of the image manifest of ``reference``,
+        following an image index to the manifest for ``platform`` (the host's by default)."""
+        for _ in range(MAX_INDEX_DEPTH + 1):
+            raw, media_type, digest = await self.get_manifest(repo, reference)
+            obj = oci.parse_json(raw, f"manifest {self.registry}/{repo}@{digest}")
+            if media_type in oci.INDEX_TYPES or (not media_type and "manifests" in obj):
+                want = oci.parse_platform(platform)
+                subs = [oci.Descriptor.from_json(d, f"image index {digest}") for d in obj.get("manifests") or []]
+                chosen = [d for d in subs if oci.platform_matches(d.platform, *want)]
+                if not chosen:
+                    have = ", ".join(f"{(d.platform or {}).get('os')}/{(d.platform or {}).get('architecture')}" for d in subs)
+                    raise NotFound(
+                        f"{self.registry}/{repo}:{reference}: no manifest for platform "
+                        f"{'/'.join(p for p in want if p)} (has {have or 'none'})"
+                    )
+                reference = chosen[0].digest
+                continue
+            return raw, media_type or oci.OCI_MANIFEST, digest, obj
+        raise FormatError(f"{self.registry}/{repo}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
 
     async def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
         await self._request(

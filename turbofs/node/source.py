@@ -35,7 +35,6 @@ from turbofs.registry_client import Reference, RegistryClient
 #: Parallel Range GETs per fetch to a registry without the batch extension.
 RANGE_PARALLEL: Final = 8
 #: Nested image indexes followed at most.
-MAX_INDEX_DEPTH: Final = 2
 MAX_CONFIG_SIZE: Final = 8 << 20
 
 
@@ -199,21 +198,8 @@ def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
 async def _resolve_manifest(
     client: RegistryClient, ref: Reference, platform: str | None
 ) -> TurboManifest:
-    reference = ref.reference
-    for _ in range(MAX_INDEX_DEPTH + 1):
-        raw, media_type, digest = await client.get_manifest(ref.repository, reference)
-        obj = oci.parse_json(raw, f"manifest {ref}")
-        if media_type in oci.INDEX_TYPES or (not media_type and "manifests" in obj):
-            want = oci.parse_platform(platform)
-            subs = [oci.Descriptor.from_json(d, f"image index {digest}") for d in obj.get("manifests") or []]
-            chosen = [s for s in subs if oci.platform_matches(s.platform, *want)]
-            if not chosen:
-                have = ", ".join(f"{(s.platform or {}).get('os')}/{(s.platform or {}).get('architecture')}" for s in subs)
-                raise NotFound(f"{ref}: no manifest for platform {'/'.join(p for p in want if p)} (has {have})")
-            reference = chosen[0].digest
-            continue
-        return parse_manifest(raw, digest)
-    raise FormatError(f"{ref}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
+    raw, _media_type, digest, _obj = await client.get_image_manifest(ref.repository, ref.reference, platform)
+    return parse_manifest(raw, digest)
 
 
 async def open_image(

@@ -34,7 +34,6 @@ from turbofs.snapshotter.labels import chain_ids
 log = logging.getLogger("turbofs.snapshotter")
 
 MAX_CONFIG_SIZE: Final = 8 << 20
-MAX_INDEX_DEPTH: Final = 2
 CACHE_ENTRIES: Final = 256
 #: How long "no turbo image for this CRI image" (or a failed lookup) is remembered: a twin
 #: that ``--auto-convert`` is still converting shows up after this at the latest, and a
@@ -94,19 +93,7 @@ def _diff_ids(config: dict[str, Any], what: str) -> tuple[str, ...]:
 
 async def _resolve(client: RegistryClient, ref: Reference, reference: str, platform: str | None) -> tuple[bytes, str, str, dict[str, Any]]:
     """(bytes, media type, digest, parsed) of the image manifest for this platform."""
-    for _ in range(MAX_INDEX_DEPTH + 1):
-        raw, media_type, digest = await client.get_manifest(ref.repository, reference)
-        obj = oci.parse_json(raw, f"manifest {ref.registry}/{ref.repository}@{digest}")
-        if media_type in oci.INDEX_TYPES or (not media_type and "manifests" in obj):
-            want = oci.parse_platform(platform)
-            subs = [oci.Descriptor.from_json(d, f"image index {digest}") for d in obj.get("manifests") or []]
-            chosen = [s for s in subs if oci.platform_matches(s.platform, *want)]
-            if not chosen:
-                raise NotFound(f"{ref}: no manifest for platform {'/'.join(p for p in want if p)}")
-            reference = chosen[0].digest
-            continue
-        return raw, media_type or oci.OCI_MANIFEST, digest, obj
-    raise FormatError(f"{ref}: image indexes nested more than {MAX_INDEX_DEPTH} deep")
+    return await client.get_image_manifest(ref.repository, reference, platform)
 
 
 async def _fetch(
