@@ -1,6 +1,7 @@
 """Shared pytest fixtures: real registry servers (see tests/registry_fixtures.py)."""
 
 from tests.containerd_fixtures import containerd, containerd_factory  # noqa: F401
+from tests.mount_fixtures import mounter  # noqa: F401
 from tests.registry_fixtures import (
     distribution_registry,
     shared_turbofs_registry,

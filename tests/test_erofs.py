@@ -26,10 +26,10 @@ import pytest
 from index_builder.builder import build
 from tests.faultproxy import fault_proxy
 from tests.imagecheck import snapshot_index
+from tests.mount_fixtures import Mounter
 from tests.ocifixtures import TarEntry, diff_snapshots, snapshot_tree, write_oci_layout
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
 from tests.test_build import kitchen_sink_layers
-from tests.test_mount import Mounter
 from turbofs import format as fmt
 from turbofs.config import BuildConfig
 from turbofs.erofs import ErofsCorrupt, ErofsImage, ErofsUnsupported, build_erofs, check_erofs
@@ -392,15 +392,6 @@ def test_kernel_sees_what_the_checks_let_through(kitchen: LayoutImage, tmp_path:
 
 
 # -- real mounts: turbofs mount --mode erofs ---------------------------------------------
-
-
-@pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Mounter]:
-    m = Mounter(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 def _erofs_mounts_under(base: Path) -> list[str]:
