@@ -38,8 +38,16 @@ Run as root from the repository root (``python -m bench.mount_bench``). It measu
    maximum VmRSS sampled every 20 ms) with the default RAM bound, and its RSS after the
    prefetch. On loopback and through the shaped link.
 
-The CPU seconds of the daemon and of the registry are recorded for every run (two cores
-here: on loopback they share them with the reader).
+Where the time goes: for every read run the CPU seconds of the daemon (all threads, and its
+main thread alone, which runs trio's loop), of the registry and of the reader,
+the cores busy machine-wide (``/proc/stat``: everyone's work), and the daemon's fetches (how
+many, their mean duration, how many were in flight on average). Beside them, measured
+alone: the CPU per MB of decompress + verify, sha256 and the disk-cache write (one thread,
+in this process), and the registry client alone fetching every chunk of the big-file
+image in 1 MiB batches, 1, 2 or 4 at a time, with and without the decompress + verify step
+(through the shaped link it runs inside the node namespace). Through the link, two variants
+test two suspects: the registry's blob files left in the page cache, and a deeper readahead
+(``[daemon] readahead_chunks = 16``).
 
 The shaped link: namespaces ``tfsbench-reg`` (the registry, 10.213.0.1/30) and
 ``tfsbench-node`` (10.213.0.2/30), one veth pair between them, ``tbf rate 1gbit burst
@@ -57,7 +65,11 @@ that is removed at the end.
 Command line::
 
     python -m bench.mount_bench [--runs 3] [--files 100000] [--dirs 5000]
-        [--big-files 3] [--big-mib 200] [--no-shaped] [--no-python-1g]
+        [--big-files 3] [--big-mib 200] [--no-shaped] [--no-python-1g] [--mode fuse]
+
+``--mode`` is passed to every ``turbofs mount`` (left out, the mount's own default
+applies). ``status`` of each mount names the presentation it got (``mode``; absent: the
+per-file FUSE one), and the JSON records it.
 
 Results go to ``bench/results/mount.json``; progress goes to stderr.
 """
@@ -68,6 +80,7 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
+import importlib
 import io
 import json
 import mmap
@@ -97,7 +110,14 @@ from bench.build_bench import (
     machine_info,
     write_results,
 )
-from turbofs.config import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, DaemonConfig, KiB, MiB
+from turbofs.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
+    BuildConfig,
+    DaemonConfig,
+    KiB,
+    MiB,
+)
 
 RESULTS_FILE: Final = RESULTS_DIR / "mount.json"
 PYTHON: Final = sys.executable
@@ -182,8 +202,8 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:
-    """User + system CPU seconds of one thread (``tid == pid``: the main thread, which runs
-    trio's loop and holds the GIL for all Python work in the daemon)."""
+    """User + system CPU seconds of one thread (``tid == pid``: the daemon's main thread, which
+    runs trio's loop: FUSE requests, HTTP, bookkeeping; decoding runs in worker threads)."""
     fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -390,7 +410,9 @@ def ensure_synthetic(name: str, params: dict[str, Any], fill: Callable[[tarfile.
     root = images_root()
     out = root / name
     stamp = root / f"{name}.json"
-    params = {**params, "chunk_size": DEFAULT_CHUNK_SIZE, "zstd_level": DEFAULT_ZSTD_LEVEL}
+    b = BuildConfig()
+    params = {**params, "chunk_size": b.chunk_size, "zstd_level": b.zstd_level,
+              "blob_sizes": [b.blob_min, b.blob_avg, b.blob_max]}
     with contextlib.suppress(Exception):
         if json.loads(stamp.read_text())["params"] == params:
             open_layout_image(out, TAG)
@@ -566,9 +588,10 @@ class Mounted:
 class Mounts:
     """Runs ``turbofs mount`` / ``umount`` as a user does; remembers what to clean up."""
 
-    def __init__(self, work: Path, config: Path) -> None:
+    def __init__(self, work: Path, config: Path, extra: Sequence[str] = ()) -> None:
         self.work = work
         self.config = config
+        self.extra = list(extra)  # added to every mount (e.g. --mode fuse)
         self.run_dir = work / "run"
         self.active: dict[Path, int] = {}
         self._n = 0
@@ -582,7 +605,7 @@ class Mounts:
     def argv(self, ref: str, mp: Path, cache: Path, extra: Sequence[str], netns: str | None,
              config: Path | None = None) -> list[str]:
         argv = [*nsenter(netns), *TURBOFS, "--config", str(config or self.config), "mount", ref, str(mp),
-                "--run-dir", str(self.run_dir), "--cache-dir", str(cache), *extra]
+                "--run-dir", str(self.run_dir), "--cache-dir", str(cache), *self.extra, *extra]
         if netns:
             argv.append("--plain-http")
         return argv
@@ -758,6 +781,9 @@ def open_steps(registry: str, repo: str, tag: str, runs: int) -> dict[str, Any]:
     from turbofs.registry_client import RegistryClient
 
     rows: list[dict[str, float]] = []
+    erofs_prepare: Callable[[Any], object] | None = None
+    with contextlib.suppress(ImportError):
+        erofs_prepare = getattr(importlib.import_module("turbofs.node.erofsfs"), "prepare", None)
 
     async def once(cache_dir: Path) -> dict[str, float]:
         t: dict[str, float] = {}
@@ -774,6 +800,9 @@ def open_steps(registry: str, repo: str, tag: str, runs: int) -> dict[str, Any]:
             t3 = time.perf_counter()
             ChunkCache.from_config(DaemonConfig(cache_dir=cache_dir))
             t4 = time.perf_counter()
+            if erofs_prepare is not None:  # what the erofs presentation adds before mounting
+                erofs_prepare(load_index(manifest, data))
+                t["erofs_prepare_ms"] = (time.perf_counter() - t4) * 1e3
         t.update(client_create_ms=(t0 - t00) * 1e3, manifest_get_ms=(t1 - t0) * 1e3, config_and_index_get_ms=(t2 - t1) * 1e3,
                  index_decode_ms=(t3 - t2) * 1e3, cache_open_ms=(t4 - t3) * 1e3, index_bytes=len(data),
                  total_ms=(t4 - t00) * 1e3)
@@ -800,6 +829,10 @@ def bench_ready(mounts: Mounts, ref: str, runs: int, *, extra: Sequence[str] = (
         m = mounts.mount(ref, mp, cache, *extra, netns=netns)
         row: dict[str, Any] = {"seconds": round(m.seconds, 4),
                                "rss_at_ready_mib": round(proc_status_kib(m.pid, "VmRSS") / 1024, 1)}
+        status = mounts.status(mp)
+        row["mode"] = status.get("mode", "fuse")
+        if "erofs" in status:  # the erofs presentation reports how its metadata was made
+            row["erofs"] = status["erofs"]
         if probe:
             t0 = time.perf_counter()
             os.stat(mp / probe)
@@ -842,7 +875,8 @@ def bench_cold_read(mounts: Mounts, ref: str, names: Sequence[str], runs: int, *
         d1 = cpu_seconds(m.pid)
         reg1 = cpu_seconds(registry_pid) if registry_pid else 0.0
         figures = fetch_figures(mounts.metrics(mp))
-        fuse = mounts.status(mp).get("fuse_requests", {})
+        status = mounts.status(mp)
+        fuse = status.get("fuse_requests", {})
         wire = figures["demand_bytes"] + figures["readahead_bytes"] + figures["prefetch_bytes"]
         rows.append({
             "bytes": nbytes, "seconds": round(seconds, 3), "mb_per_s": round(nbytes / seconds / MB, 1),
@@ -850,7 +884,7 @@ def bench_cold_read(mounts: Mounts, ref: str, names: Sequence[str], runs: int, *
             "daemon_cpu_s": round(d1 - d0, 2), "registry_cpu_s": round(reg1 - reg0, 2) if registry_pid else None,
             "daemon_main_thread_busy": round((main1 - main0) / seconds, 2),
             "reader_cpu_s": round(me1 - me0, 2), "machine_busy_cores": busy_cores(sys0, sys1),
-            "fuse_reads": fuse.get("read", 0),
+            "fuse_reads": fuse.get("read", 0), "mode": status.get("mode", "fuse"),
             **{k: (round(v, 3) if k.endswith("_sum") else int(v)) for k, v in figures.items()},
         })
         fetches = figures["demand_fetches"] + figures["readahead_fetches"] + figures["prefetch_fetches"]
@@ -1279,11 +1313,11 @@ def tool_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def workspace() -> Iterator[tuple[Path, Mounts, list[Registry], ShapedLink]]:
+def workspace(mount_extra: Sequence[str] = ()) -> Iterator[tuple[Path, Mounts, list[Registry], ShapedLink]]:
     work = Path(tempfile.mkdtemp(prefix="turbofs-mount-bench-"))
     config = work / "empty.toml"
     config.write_text("# defaults only\n")
-    mounts = Mounts(work, config)
+    mounts = Mounts(work, config, mount_extra)
     registries: list[Registry] = []
     link = ShapedLink()
     try:
@@ -1315,7 +1349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": code_state(),
         "tree": str(Path(__file__).resolve().parent.parent),
         "tools": tool_versions(),
-        "parameters": {"runs": runs, "files": args.files, "dirs": args.dirs, "big_files": args.big_files,
+        "parameters": {"runs": runs, "mode_flag": args.mode, "files": args.files, "dirs": args.dirs, "big_files": args.big_files,
                        "big_file_bytes": big_size, "daemon_defaults": {
                            k: str(v) for k, v in vars(DaemonConfig()).items()}},
         "images": {"files100k": layout_figures(files_layout), "bigfiles": layout_figures(big_layout),
@@ -1324,7 +1358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if py_layout is not None:
         results["images"]["python-1g"] = layout_figures(py_layout)
 
-    with workspace() as (work, mounts, registries, link):
+    with workspace(["--mode", args.mode] if args.mode else []) as (work, mounts, registries, link):
         storage = work / "storage"
         loop = Registry(storage, mounts.config, work / "registry-loopback.log")
         registries.append(loop)
@@ -1476,6 +1510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--big-mib", type=int, default=200, help="MiB per file of the big-file image")
     p.add_argument("--no-shaped", dest="shaped", action="store_false", help="skip the 1 Gbit/s link")
     p.add_argument("--no-python-1g", dest="python_1g", action="store_false", help="skip the python-1g prefetch")
+    p.add_argument("--mode", help="pass --mode MODE to every turbofs mount (default: the mount's own default)")
     p.add_argument("--output", type=Path, default=RESULTS_FILE)
     args = p.parse_args(argv)
     if os.geteuid() != 0:
