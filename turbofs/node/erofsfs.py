@@ -16,7 +16,7 @@ erofs mount (``turbofs umount``, or the last user of a lazily detached mount), a
 daemon leaves no FUSE mount behind (:func:`clean_stale` removes its erofs mount).
 
 The FUSE layer only translates: a read of the image file becomes metadata bytes, chunk
-slices (``reader.read_chunk``, so single-flight, digest checks, timeouts, caches and
+slices (``reader.read_chunks``, so single-flight, digest checks, timeouts, caches and
 metrics are the per-file mode's) and zeros. Errors become errno values in one place.
 """
 
@@ -31,7 +31,7 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -50,6 +50,10 @@ HIDDEN_DIR: Final = "erofs"
 #: Bytes of the metadata region read per request when warming the page cache.
 WARM_STEP: Final = 1 << 20
 
+#: Sequential reads of the image file (this many in a row) fetch the next bytes ahead.
+READAHEAD_TRIGGER: Final = 2
+READAHEAD_BYTES: Final = 1 << 20
+
 #: Try a file-backed mount (Linux 6.12+) before a loop device. Tests turn it off to
 #: exercise the loop device path.
 TRY_FILE_BACKED = True
@@ -59,7 +63,9 @@ _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_A
 
 
 class ChunkReaderLike(Protocol):
-    async def read_chunk(self, chunk: fmt.Chunk, *, ino: int | None = None) -> bytes: ...
+    async def read_chunks(self, chunks: Sequence[fmt.Chunk], *, ino: int | None = None) -> dict[int, bytes]: ...
+
+    def read_ahead(self, chunks: Sequence[fmt.Chunk]) -> int: ...
 
 
 def _errno(exc: BaseException) -> int:
@@ -86,11 +92,16 @@ class ErofsFileFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, image: ErofsImage, reader: ChunkReaderLike, *, name: str = "turbofs") -> None:
+    def __init__(
+        self, image: ErofsImage, reader: ChunkReaderLike, *, name: str = "turbofs", readahead: int = READAHEAD_BYTES
+    ) -> None:
         super().__init__()
         self.image = image
         self.reader = reader
         self.name = name
+        self.readahead = readahead
+        self._last_end = -1
+        self._streak = 0
         self.counts: dict[str, int] = {}
         self.bytes_served = {"meta": 0, "data": 0, "zeros": 0}
 
@@ -159,21 +170,28 @@ class ErofsFileFS(pyfuse3.Operations):
                 log.error("%s: read of image bytes [%d, +%d) failed: %s", self.name, off, size, leaf)
             raise pyfuse3.FUSEError(code) from None
 
+    def _read_ahead(self, off: int, size: int) -> None:
+        """Sequential reads of the image file start fetching the chunks that come next."""
+        if abs(off - self._last_end) <= size:
+            self._streak += 1
+        else:
+            self._streak = 0
+        self._last_end = off + size
+        if self._streak < READAHEAD_TRIGGER or self.readahead <= 0:
+            return
+        ahead = {e.chunk.id: e.chunk for e in self.image.read(off + size, self.readahead) if e.chunk is not None}
+        if ahead:
+            self.reader.read_ahead(list(ahead.values()))
+
     async def _read(self, off: int, size: int) -> bytes:
         extents = self.image.read(off, size)
         chunks = {e.chunk.id: e.chunk for e in extents if e.chunk is not None}
         datas: dict[int, bytes] = {}
-        if len(chunks) == 1:
-            (c,) = chunks.values()
-            datas[c.id] = await self.reader.read_chunk(c, ino=self.image.owner(c.id))
-        elif chunks:
-
-            async def one(c: fmt.Chunk) -> None:
-                datas[c.id] = await self.reader.read_chunk(c, ino=self.image.owner(c.id))
-
-            async with trio.open_nursery() as nursery:
-                for c in chunks.values():
-                    nursery.start_soon(one, c)
+        if chunks:
+            # the chunks of one request are fetched together: one coalesced request
+            first = next(iter(chunks))
+            datas = await self.reader.read_chunks(list(chunks.values()), ino=self.image.owner(first))
+        self._read_ahead(off, size)
         parts: list[bytes] = []
         for e in extents:
             if e.data is not None:

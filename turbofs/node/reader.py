@@ -244,6 +244,30 @@ class ChunkReader:
             return data
         return (await self._wait(self._start([chunk], FetchKind.DEMAND), ino))[chunk.id]
 
+    async def read_chunks(self, chunks: Sequence[Chunk], *, ino: int | None = None) -> dict[int, bytes]:
+        """Whole uncompressed chunks by id; the missing ones are fetched together (one
+        coalesced request where they are adjacent in a blob), not one request each."""
+        datas: dict[int, bytes] = {}
+        missing: dict[int, Chunk] = {}
+        for c in chunks:
+            data = self.cache.get_ram(c)
+            if data is None:
+                missing[c.id] = c
+            else:
+                datas[c.id] = data
+        if missing:
+            datas.update(await self._wait(self._start(list(missing.values()), FetchKind.DEMAND), ino))
+        return datas
+
+    def read_ahead(self, chunks: Sequence[Chunk]) -> int:
+        """Start fetching ``chunks`` (those not cached or in flight) for a reader that will
+        want them soon; returns how many were started."""
+        todo = [c for c in chunks if c.id not in self._flights and c.digest not in self.cache.ram]
+        if todo:
+            self.metrics.readahead_chunks.inc(len(todo))
+            self._start(todo, FetchKind.READAHEAD)
+        return len(todo)
+
     async def prefetch(self, chunks: Sequence[Chunk]) -> list[BaseException | None]:
         """Bring ``chunks`` into the disk tier (joining flights already under way); returns
         each chunk's error, or None. No timeout: each flight is bounded by fetch_timeout."""
