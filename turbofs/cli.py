@@ -181,8 +181,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    from turbofs import mountctl
     from turbofs.config import daemon_config
-    from turbofs.node import daemon
 
     cfg = daemon_config(
         args.config,
@@ -194,38 +194,40 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout,
         mode=args.mode,
     )
-    if not args.mountpoint.is_dir() and not daemon.is_stale_mount(str(args.mountpoint)):
+    if not args.mountpoint.is_dir() and not mountctl.is_stale_mount(str(args.mountpoint)):
         raise UsageError(f"{args.mountpoint}: mountpoint is not a directory")
-    req = daemon.MountRequest(
+    req = mountctl.MountRequest(
         ref=args.ref,
         mountpoint=args.mountpoint.absolute(),
         cfg=cfg,
-        run_dir=args.run_dir or daemon.DEFAULT_RUN_DIR,
-        auth=None if daemon.split_local_ref(args.ref) else _client_auth(args.ref, args.creds),
+        run_dir=args.run_dir or mountctl.DEFAULT_RUN_DIR,
+        auth=None if mountctl.split_local_ref(args.ref) else _client_auth(args.ref, args.creds),
         scheme="http" if args.plain_http else None,
         platform=args.platform,
     )
     if args.foreground:
-        daemon.run_foreground(req, args.ready_fd)
+        from turbofs.node.daemon import run_foreground
+
+        run_foreground(req, args.ready_fd)
         return 0
     argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
-    pid = daemon.mount_background([a for a in argv if a != "--wait"], req, wait=args.wait)
+    pid = mountctl.mount_background([a for a in argv if a != "--wait"], req, wait=args.wait)
     print(f"mounted {args.ref} at {req.mountpoint} (daemon pid {pid})")
     return 0
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from turbofs.node import daemon
+    from turbofs import mountctl
 
-    daemon.unmount(args.mountpoint.absolute(), args.run_dir or daemon.DEFAULT_RUN_DIR)
+    mountctl.unmount(args.mountpoint.absolute(), args.run_dir or mountctl.DEFAULT_RUN_DIR)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from turbofs.node import daemon
+    from turbofs import mountctl
 
-    print(daemon.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
-                       args.run_dir or daemon.DEFAULT_RUN_DIR))
+    print(mountctl.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
+                       args.run_dir or mountctl.DEFAULT_RUN_DIR))
     return 0
 
 

@@ -248,15 +248,3 @@ def fuse_options(name: str, *, allow_other: bool = True) -> set[str]:
     if os.geteuid() == 0:
         opts |= {"suid", "dev"}  # an image's setuid programs and device nodes work as in the image
     return opts
-
-
-def is_stale_mount(path: str) -> bool:
-    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
-
-    statfs always reaches the daemon; stat may be answered from the kernel's attribute cache.
-    """
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False

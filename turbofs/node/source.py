@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import httpx
@@ -29,6 +28,7 @@ from turbofs import format as fmt
 from turbofs import oci
 from turbofs.errors import FormatError, NotFound, UsageError
 from turbofs.image import LayoutImage, TurboManifest, load_index, open_layout_image, parse_manifest
+from turbofs.mountctl import split_local_ref
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
 from turbofs.registry_client import Reference, RegistryClient
 
@@ -177,22 +177,6 @@ class OpenedImage(NamedTuple):
     config: dict[str, Any]
     index: fmt.Index  # type: ignore[assignment]  # shadows tuple.index on purpose: the image's index
     source: ChunkSource
-
-
-def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
-    """``(DIR, TAG)`` if ``ref`` names a local layout (``oci:DIR[:TAG]``, or an existing
-    ``DIR[:TAG]``), else None."""
-    explicit = ref.startswith("oci:")
-    rest = ref.removeprefix("oci:")
-    path = Path(rest)
-    if path.is_dir():
-        return path, None
-    head, sep, tag = rest.rpartition(":")
-    if sep and head and Path(head).is_dir() and "/" not in tag:
-        return Path(head), tag or None
-    if explicit:
-        raise NotFound(f"{ref}: no such OCI layout directory")
-    return None
 
 
 async def _resolve_manifest(

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Final, Protocol
 
+from turbofs import mountctl
 from turbofs.config import DaemonConfig
 from turbofs.errors import TurboError
-from turbofs.node import daemon
 from turbofs.snapshotter.errors import MountFailed
 
 log = logging.getLogger("turbofs.snapshotter")
@@ -44,7 +44,7 @@ class Mounter(Protocol):
 
 
 class DaemonMounter:
-    """``turbofs mount`` daemons (:func:`turbofs.node.daemon.mount_background`)."""
+    """``turbofs mount`` daemons (:func:`turbofs.node.mountctl.mount_background`)."""
 
     def __init__(self, run_dir: Path, daemon_cfg: DaemonConfig, config_path: Path | None = None) -> None:
         self.run_dir = run_dir
@@ -67,14 +67,14 @@ class DaemonMounter:
 
     def _pid(self, mountpoint: Path) -> int | None:
         try:
-            return int((daemon.state_dir(self.run_dir, mountpoint) / "pid").read_text().strip())
+            return int((mountctl.state_dir(self.run_dir, mountpoint) / "pid").read_text().strip())
         except (OSError, ValueError):
             return None
 
     def mount(self, ref: str, mountpoint: Path, *, plain_http: bool) -> None:
         mountpoint.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(TurboError):
-            daemon.clean_stale(mountpoint)
+            mountctl.clean_stale(mountpoint)
         argv: list[str] = []
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
@@ -83,11 +83,11 @@ class DaemonMounter:
             argv += ["--cache-dir", str(self.cfg.cache_dir)]
         if plain_http:
             argv.append("--plain-http")
-        req = daemon.MountRequest(ref=ref, mountpoint=mountpoint, cfg=self.cfg, run_dir=self.run_dir,
+        req = mountctl.MountRequest(ref=ref, mountpoint=mountpoint, cfg=self.cfg, run_dir=self.run_dir,
                                   scheme="http" if plain_http else None)
         self.reap()
         try:
-            pid = daemon.mount_background(argv, req, wait=False)
+            pid = mountctl.mount_background(argv, req, wait=False)
         except TurboError as exc:
             raise MountFailed(str(exc)) from None
         with self._lock:
@@ -97,10 +97,10 @@ class DaemonMounter:
     def check(self, mountpoint: Path) -> bool:
         """Mounted, and its daemon answers on its control socket (a killed daemon, even one
         left a zombie, or a stale FUSE mount does not)."""
-        if daemon.is_stale_mount(str(mountpoint)) or not os.path.ismount(mountpoint):
+        if mountctl.is_stale_mount(str(mountpoint)) or not os.path.ismount(mountpoint):
             return False
         try:
-            daemon.query(mountpoint, "status", self.run_dir)
+            mountctl.query(mountpoint, "status", self.run_dir)
         except (OSError, TurboError) as exc:
             log.warning("the turbofs daemon of %s does not answer: %s", mountpoint, exc)
             return False
@@ -108,9 +108,9 @@ class DaemonMounter:
 
     def unmount(self, mountpoint: Path) -> None:
         pid = self._pid(mountpoint)
-        if os.path.ismount(mountpoint) or daemon.is_stale_mount(str(mountpoint)):
+        if os.path.ismount(mountpoint) or mountctl.is_stale_mount(str(mountpoint)):
             # unmount; a daemon still there a moment later gets SIGTERM (it then cleans up)
-            daemon.unmount(mountpoint, self.run_dir, timeout=0.2)
+            mountctl.unmount(mountpoint, self.run_dir, timeout=0.2)
         elif pid is not None:  # a daemon without its mount
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,196 @@
+"""Controlling mounts from outside the daemon: start one, wait for it, ask it, unmount it.
+
+Kept free of the daemon's imports (FUSE, trio, the reader), so that ``turbofs mount`` (which
+only spawns the daemon and waits for its "ready") and ``turbofs status``/``umount`` start
+fast. The daemon itself is :mod:`turbofs.node.daemon`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from turbofs.config import DaemonConfig
+from turbofs.errors import NotFound, TurboError, UsageError
+
+log = logging.getLogger("turbofs.daemon")
+
+DEFAULT_RUN_DIR: Final = Path("/run/turbofs/mounts")
+READY_TIMEOUT: Final = 120.0
+UMOUNT_TIMEOUT: Final = 30.0
+
+
+@dataclass
+class MountRequest:
+    ref: str
+    mountpoint: Path
+    cfg: DaemonConfig
+    run_dir: Path = DEFAULT_RUN_DIR
+    auth: Any = None
+    scheme: str | None = None
+    platform: str | None = None
+    attr_timeout: float = 3600.0
+    readahead_kb: int = 1024
+    allow_other: bool = True
+
+
+def state_dir(run_dir: Path, mountpoint: Path) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    return run_dir / key
+
+
+def clean_stale(mountpoint: Path) -> bool:
+    """Lazily unmount mounts on ``mountpoint`` whose daemon died; True if there were any."""
+    found = False
+    for _ in range(16):  # stacked dead mounts go one at a time
+        if not is_stale_mount(str(mountpoint)):
+            return found
+        found = True
+        log.warning("%s: a mount left by a dead daemon: unmounting it", mountpoint)
+        for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+            with contextlib.suppress(OSError):
+                if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+                    break
+        else:
+            raise TurboError(f"{mountpoint}: a stale mount could not be removed")
+    raise TurboError(f"{mountpoint}: stale mounts keep coming back")
+
+
+def is_stale_mount(path: str) -> bool:
+    """True if ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    statfs always reaches the daemon; stat may be answered from the kernel's attribute cache.
+    """
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
+    """``(DIR, TAG)`` if ``ref`` names a local layout (``oci:DIR[:TAG]``, or an existing
+    ``DIR[:TAG]``), else None."""
+    explicit = ref.startswith("oci:")
+    rest = ref.removeprefix("oci:")
+    path = Path(rest)
+    if path.is_dir():
+        return path, None
+    head, sep, tag = rest.rpartition(":")
+    if sep and head and Path(head).is_dir() and "/" not in tag:
+        return Path(head), tag or None
+    if explicit:
+        raise NotFound(f"{ref}: no such OCI layout directory")
+    return None
+
+
+def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool) -> int:
+    """Start the daemon as a detached process and return once the mount is ready."""
+    state = state_dir(req.run_dir, req.mountpoint)
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = state / "daemon.log"
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "turbofs.cli", *argv_tail, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            pass_fds=(write_fd,), start_new_session=True,
+        )
+    os.close(write_fd)
+    seen: set[str] = set()
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as events:
+        while True:
+            if "ready" in seen and (not wait or "prefetched" in seen):
+                break
+            # no deadline once mounted: a full prefetch (--wait) takes as long as it takes
+            left = None if "ready" in seen else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                proc.kill()
+                break
+            ready, _, _ = select.select([events], [], [], left)
+            if not ready:
+                continue
+            piece = events.read(4096)
+            if not piece:
+                break  # the daemon exited
+            buf += piece
+            *lines, buf = buf.split(b"\n")
+            seen.update(line.decode().strip() for line in lines)
+    if "ready" not in seen:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        reason = next((ln.split("error: ", 1)[1] for ln in reversed(tail) if "error: " in ln), " / ".join(tail))
+        raise TurboError(f"mount of {req.ref} at {req.mountpoint} failed: {reason} (log: {log_path})")
+    if wait and "prefetched" not in seen:
+        raise TurboError(f"{req.ref}: the daemon stopped before the prefetch completed (log: {log_path})")
+    return proc.pid
+
+
+def unmount(mountpoint: Path, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = UMOUNT_TIMEOUT) -> None:
+    """Unmount ``mountpoint`` and wait for its daemon to exit."""
+    state = state_dir(run_dir, mountpoint)
+    pid = None
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        pid = int((state / "pid").read_text().strip())
+    if not os.path.ismount(mountpoint) and not is_stale_mount(str(mountpoint)):
+        if pid is None:
+            raise UsageError(f"{mountpoint} is not mounted")
+    else:
+        for argv in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                break
+        else:
+            if is_stale_mount(str(mountpoint)):
+                clean_stale(mountpoint)
+            else:
+                raise TurboError(f"{mountpoint}: unmount failed: {proc.stderr.strip()} (busy?)")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def query(mountpoint: Path, what: str = "status", run_dir: Path = DEFAULT_RUN_DIR) -> str:
+    """Ask the daemon of ``mountpoint`` for its status (JSON) or metrics (Prometheus text)."""
+    import socket
+
+    path = state_dir(run_dir, mountpoint) / "control.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(what.encode() + b"\n")
+        chunks = []
+        while piece := s.recv(65536):
+            chunks.append(piece)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            raise UsageError(f"{mountpoint}: no turbofs daemon serves this mountpoint") from None
+        raise
+    finally:
+        s.close()
+    return b"".join(chunks).decode()
