@@ -43,8 +43,8 @@ Output: raw JSON at ``--out`` (default ``bench/results/coldstart.json``), a char
 
 Command line::
 
-    python -m bench.coldstart [--images python-1g] [--runs 3] [--rate 1gbit|none]
-        [--out bench/results/coldstart.json]
+    python -m bench.coldstart [--images python-1g,python-5g] [--runs 3] [--rate 1gbit|none]
+        [--out bench/results/coldstart.json] [--merge EARLIER.json] [--no-chart]
 
 Images come from :mod:`bench.images` (cached); their turbo layouts are cached under
 ``$TURBOFS_CACHE/bench/coldstart/``. Needs root, /dev/fuse, containerd, ctr, runc,
@@ -66,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -103,9 +104,18 @@ class BenchImage:
 
 BENCH_IMAGES: Final[dict[str, BenchImage]] = {
     "python-1g": BenchImage("python-1g"),
+    "python-5g": BenchImage("python-5g"),
     # CI's small variant: reads a few files of the image, then prints READY
     "sample": BenchImage("sample", ("sh", "-c", "cat /app/run.sh /app/VERSION >/dev/null && echo READY 0")),
 }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit this runs at, and the files changed since (mount daemons start from the tree)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=False)
+    return {"commit": head.stdout.strip(), "uncommitted": [line[3:] for line in dirty.stdout.splitlines()]}
 
 
 def log(msg: str) -> None:
@@ -342,6 +352,23 @@ def _timed_ready(argv: Sequence[str], t0: float | None = None) -> tuple[float, l
     return t_ready - start, lines
 
 
+def app_seconds(line: str) -> float | None:
+    """``READY <s>``: the seconds the app says it ran (python-1g's app.py prints them)."""
+    parts = line.split()
+    try:
+        return float(parts[1]) if len(parts) > 1 and float(parts[1]) > 0 else None
+    except ValueError:
+        return None
+
+
+def with_app_times(row: dict[str, Any]) -> dict[str, Any]:
+    """Add ``app_s`` (the app's own run time) and ``before_app_s`` (pull, mount, container start)."""
+    app = app_seconds(row["ready_line"])
+    row["app_s"] = app
+    row["before_app_s"] = None if app is None else round(row["ready_s"] - app, 3)
+    return row
+
+
 def _metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -404,7 +431,7 @@ def _turbofs_argv(node: Node, image: BenchImage, refs: Refs) -> list[str]:
 
 def working_set(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
     """A cold ``turbofs run`` without background prefetch: what the startup itself fetches."""
-    from turbofs.node import daemon
+    from turbofs import mountctl
 
     node.reset(prefetch=False)
     b0 = link.rx_bytes()
@@ -412,37 +439,70 @@ def working_set(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[s
     b1 = link.rx_bytes()
     sn = node.snap
     (mp,) = sn.turbofs_mounts()
-    fetched = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
+    fetched = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     ws = int(fetched["demand_bytes"] + fetched["readahead_bytes"])
     return {"path": "turbofs-no-prefetch", "ready_s": round(ready_s, 3), "bytes_at_ready": b1 - b0,
             "working_set_bytes": ws, "fetch": fetched, "ready_line": lines[-1]}
+
+
+class PrefetchWatcher(threading.Thread):
+    """Polls the mount daemon's status (every 0.2 s) from the moment the mount appears; notes
+    when its background prefetch has ended."""
+
+    def __init__(self, sn: SnapshotterProcess) -> None:
+        super().__init__(daemon=True)
+        self.sn = sn
+        self.done_at: float | None = None
+        self.stop = False
+        self.error = ""
+
+    def run(self) -> None:
+        from turbofs import mountctl
+
+        deadline = time.monotonic() + PREFETCH_TIMEOUT
+        while not self.stop and time.monotonic() < deadline:
+            mounts = self.sn.turbofs_mounts()
+            if mounts:
+                try:
+                    status = json.loads(mountctl.query(mounts[0], "status", self.sn.run_dir))
+                except Exception as exc:  # not answering yet
+                    self.error = f"{type(exc).__name__}: {exc}"
+                else:
+                    if status.get("prefetch", {}).get("state") in ("done", "stopped", "disabled"):
+                        self.done_at = time.monotonic()
+                        return
+            time.sleep(0.2)
 
 
 def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
     sn = node.snap
     argv = _turbofs_argv(node, image, refs)
     b0 = link.rx_bytes()
-    t0 = time.monotonic()
-    ready_s, lines = _timed_ready(argv, t0)
+    t0, t0_wall = time.monotonic(), time.time()
+    watcher = PrefetchWatcher(sn)
+    watcher.start()
+    try:
+        ready_s, lines = _timed_ready(argv, t0)
+    except BaseException:
+        watcher.stop = True
+        raise
     b_ready = link.rx_bytes()
     (mp,) = sn.turbofs_mounts()
-    from turbofs.node import daemon
+    from turbofs import mountctl
 
-    at_ready = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
-    status = json.loads(daemon.query(mp, "status", sn.run_dir))
-    mount_started_s = time.time() - float(status["uptime"])  # wall clock of the daemon's start
-    daemon_start_after_s = round(ready_s - (time.time() - mount_started_s), 3)
-    # wait for the complete background prefetch
-    deadline = t0 + PREFETCH_TIMEOUT
-    while True:
-        status = json.loads(daemon.query(mp, "status", sn.run_dir))
-        state = status.get("prefetch", {}).get("state")
-        if state in ("done", "stopped", "disabled") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    prefetch_s = time.monotonic() - t0
+    at_ready = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
+    status = json.loads(mountctl.query(mp, "status", sn.run_dir))
+    daemon_start_after_s = round(time.time() - float(status["uptime"]) - t0_wall, 3)
+    # wait for the complete background prefetch (the watcher saw when it ended)
+    watcher.join(max(1.0, t0 + PREFETCH_TIMEOUT - time.monotonic()))
+    if watcher.done_at is None:
+        watcher.stop = True
+        raise RuntimeError(f"the prefetch did not end in {PREFETCH_TIMEOUT:.0f} s ({watcher.error or 'no error'})")
+    status = json.loads(mountctl.query(mp, "status", sn.run_dir))
+    state = status.get("prefetch", {}).get("state")
+    prefetch_s = (watcher.done_at if watcher.done_at is not None else time.monotonic()) - t0
     b_all = link.rx_bytes()
-    final = _fetch_figures(_metrics(daemon.query(mp, "metrics", sn.run_dir)))
+    final = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     pid = int(status["pid"])
     rss = {"peak_rss_kib": _vm_kib(pid, "VmHWM"), "rss_kib": _vm_kib(pid, "VmRSS")}
     drop_caches()
@@ -474,14 +534,14 @@ def bench_image(image: BenchImage, runs: int, link: Link, regs: tuple[RegDistrib
     rows: list[dict[str, Any]] = []
     node = Node()
     try:
-        ws = working_set(node, link, image, refs)
+        ws = with_app_times(working_set(node, link, image, refs))
         log(f"{image.name} working set: {ws['working_set_bytes'] / 1e6:.0f} MB "
             f"(READY after {ws['ready_s']:.2f} s without prefetch)")
         for i in range(runs):
             order = (run_standard, run_turbofs) if i % 2 == 0 else (run_turbofs, run_standard)
             for fn in order:
                 node.reset()
-                row = fn(node, link, image, refs)
+                row = with_app_times(fn(node, link, image, refs))
                 row["run"] = i
                 log(f"{image.name} run {i} {row['path']}: READY after {row['ready_s']:.2f} s, "
                     f"{row['bytes_at_ready'] / 1e6:.0f} MB at READY, warm {row['warm_s']:.2f} s")
@@ -501,6 +561,10 @@ def summarize(rows: list[dict[str, Any]], ws: int, rate_bps: int | None) -> dict
         out[path] = {"ready_s": stats([r["ready_s"] for r in rs]), "warm_s": stats([r["warm_s"] for r in rs]),
                      "bytes_at_ready": int(statistics.median([r["bytes_at_ready"] for r in rs])),
                      "bytes_total": int(statistics.median([r["bytes_total"] for r in rs]))}
+    for path, rs in by.items():
+        if all(r.get("app_s") is not None for r in rs):
+            out[path]["app_s"] = stats([r["app_s"] for r in rs])
+            out[path]["before_app_s"] = stats([r["before_app_s"] for r in rs])
     t = by["turbofs"]
     out["turbofs"].update({
         "working_set_bytes": ws,
@@ -524,7 +588,7 @@ def markdown(results: dict[str, Any]) -> str:
              "| image size | standard containerd | turbofs | gain | lower bound | turbofs bytes at READY "
              "| standard bytes | prefetch complete | daemon peak RSS |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for img in results["images"]:
+    for img in sorted(results["images"], key=lambda i: i["uncompressed_bytes"]):
         s = img["summary"]
         lines.append(
             f"| {img['image']}: {img['uncompressed_bytes'] / 1e9:.2f} GB ({img['compressed_bytes'] / 1e9:.2f} GB gz) "
@@ -533,6 +597,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"(working set {s['turbofs']['working_set_bytes'] / 1e6:.0f} MB) "
             f"| {s['standard']['bytes_total'] / 1e6:.0f} MB | {_mmm(s['turbofs']['prefetch_s'])} "
             f"| {s['turbofs']['peak_rss_mib']['median']:.0f} MiB |")
+    lines += ["", "Where the time goes (medians; app = the seconds the app itself reports, before = pull, "
+              "mount and container start):", ""]
+    for img in sorted(results["images"], key=lambda i: i["uncompressed_bytes"]):
+        s, ws = img["summary"], img["working_set"]
+        st, tf = s["standard"], s["turbofs"]
+        if "app_s" not in st or "app_s" not in tf:
+            continue
+        lines.append(
+            f"* {img['image']}: standard {st['before_app_s']['median']:.1f} s before the app "
+            f"+ {st['app_s']['median']:.1f} s app (warm start {st['warm_s']['median']:.1f} s); "
+            f"turbofs {tf['before_app_s']['median']:.1f} s + {tf['app_s']['median']:.1f} s "
+            f"(warm {tf['warm_s']['median']:.1f} s); turbofs without prefetch: READY after {ws['ready_s']:.1f} s "
+            f"({ws['fetch']['demand_fetches']:.0f} demand fetches, {ws['fetch']['demand_fetch_seconds_sum']:.1f} s "
+            f"of fetch time, {ws['working_set_bytes'] / 1e6:.0f} MB).")
     return "\n".join(lines) + "\n"
 
 
@@ -556,6 +634,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("image size, uncompressed (GB)")
     ax.set_ylabel("seconds (median, min-max)")
     ax.set_ylim(bottom=0)
+    ax.set_xlim(0, max(xs) * 1.15)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -585,11 +664,13 @@ def bench_env(rate_bps: int | None) -> Iterator[tuple[Link, tuple[RegDistributio
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--images", default="python-1g", help=f"comma-separated, of {', '.join(BENCH_IMAGES)}")
+    p.add_argument("--images", default="python-1g,python-5g", help=f"comma-separated, of {', '.join(BENCH_IMAGES)}")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rate", type=parse_rate, default=parse_rate("1gbit"), help="link rate (1gbit, 500mbit, none)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/coldstart.json")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--merge", type=Path, help="keep the images of this earlier results file (same link) "
+                   "that this run does not measure, in the JSON, table and chart")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCH_IMAGES]
@@ -599,10 +680,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("needs root (network namespaces, containerd, FUSE)")
     started = time.time()
     results: dict[str, Any] = {"benchmark": "coldstart", "runs": args.runs, "host": platform.node(),
-                               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                               "cpus": os.cpu_count(), "code": code_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with bench_env(args.rate) as (link, regs, meta):
         results["link"] = meta
         results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs) for n in names]
+    if args.merge is not None and args.merge.is_file():
+        earlier = json.loads(args.merge.read_text())
+        if earlier["link"]["rate_bps"] != args.rate:
+            raise SystemExit(f"{args.merge} was measured at another link rate")
+        kept = [i for i in earlier["images"] if i["image"] not in names]
+        results["images"] = kept + results["images"]
+        results["merged_from"] = {"file": str(args.merge), "images": [i["image"] for i in kept],
+                                  "started": earlier.get("started")}
     results["seconds"] = round(time.time() - started, 1)
     results["table"] = markdown(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

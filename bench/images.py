@@ -28,6 +28,10 @@ Images:
     ``/opt/venv`` holding torch (CPU), numpy, scipy, pandas and friends;
     ``/app/app.py``, which imports torch, runs one forward pass of a tiny model
     and prints ``READY <seconds since process start>``.
+``python-5g``
+    the same with torch 2.14.1's CUDA build and its nvidia-* wheels (cuBLAS, cuDNN,
+    NCCL...) from the local package mirrors: about 5 GB uncompressed. The app runs on the
+    CPU (no GPU needed); ``import torch`` loads the CUDA libraries all the same.
 
 Building needs root (debootstrap, and umoci to keep ownership and setuid bits)
 and the Debian packages that ``scripts/bootstrap.sh`` installs.
@@ -74,6 +78,12 @@ PYTHON_1G_REQUIREMENTS: tuple[str, ...] = (
     "pillow",
 )
 PYTHON_1G_MIN_BYTES = 1_000_000_000
+
+# python-5g: the same app on the CUDA build of torch (2.14.1, from the local package
+# mirrors, as pip.conf sets them) with its nvidia-* wheels: cuBLAS, cuDNN, NCCL...
+# Override with TURBOFS_PY5G_REQUIREMENTS (whitespace separated).
+PYTHON_5G_REQUIREMENTS: tuple[str, ...] = ("torch==2.14.1", "numpy", "scipy", "pandas", "pillow")
+PYTHON_5G_MIN_BYTES = 4_000_000_000
 
 _T_START = time.monotonic()
 
@@ -534,13 +544,18 @@ def _python_1g_requirements() -> list[str]:
     return env.split() if env else list(PYTHON_1G_REQUIREMENTS)
 
 
-def _install_venv(root: Path, work: Path) -> None:
+def _python_5g_requirements() -> list[str]:
+    env = os.environ.get("TURBOFS_PY5G_REQUIREMENTS")
+    return env.split() if env else list(PYTHON_5G_REQUIREMENTS)
+
+
+def _install_venv(root: Path, work: Path, requirements: Sequence[str] | None = None) -> None:
     """Make /opt/venv in ``root``: a venv of the image's python3 with real wheels."""
     _run(["chroot", root, "/usr/bin/python3", "-m", "venv", "--without-pip", VENV])
     site = root / VENV_SITE.lstrip("/")
     if not site.is_dir():
         raise ImageBuildError(f"venv in the image has no {VENV_SITE}")
-    reqs = _python_1g_requirements()
+    reqs = list(requirements) if requirements is not None else _python_1g_requirements()
     log = work / "pip.out"
     _log(f"pip install --target {VENV_SITE} {' '.join(reqs)} (log: {log})")
     started = time.monotonic()
@@ -571,14 +586,23 @@ def _install_venv(root: Path, work: Path) -> None:
 
 def build_python_1g(layout: Path, work: Path) -> None:
     """Build the ``python-1g`` image into ``layout`` (which must not exist yet)."""
+    _build_python_image(layout, work, _python_1g_requirements(), "turbofs-python-1g")
+
+
+def build_python_5g(layout: Path, work: Path) -> None:
+    """Build the ``python-5g`` image (torch with CUDA) into ``layout``."""
+    _build_python_image(layout, work, _python_5g_requirements(), "turbofs-python-5g")
+
+
+def _build_python_image(layout: Path, work: Path, reqs: Sequence[str], title: str) -> None:
     image = UmociImage(layout, work)
     image.init()
     _debian_minbase_layer(image, include=("python3", "python3-venv", "ca-certificates"))
     root = image.rootfs
 
     _log(f"layer 2: virtualenv at {VENV}")
-    _install_venv(root, work)
-    image.repack(f"pip install --target {VENV_SITE} {' '.join(_python_1g_requirements())}", "venv")
+    _install_venv(root, work, reqs)
+    image.repack(f"pip install --target {VENV_SITE} {' '.join(reqs)}", "venv")
 
     _log("layer 3: /app/app.py")
     _write(root / "app/app.py", PYTHON_1G_APP)
@@ -594,7 +618,7 @@ def build_python_1g(layout: Path, work: Path) -> None:
             "LANG=C.UTF-8",
         ],
         workingdir="/app",
-        labels=["org.opencontainers.image.title=turbofs-python-1g"],
+        labels=[f"org.opencontainers.image.title={title}"],
     )
     image.finish()
 
@@ -605,6 +629,12 @@ def _check_python_1g(info: dict[str, Any]) -> None:
         raise ImageBuildError(
             f"python-1g is only {size / 1e9:.2f} GB uncompressed (want >= 1 GB)"
         )
+
+
+def _check_python_5g(info: dict[str, Any]) -> None:
+    size = int(info["uncompressed_bytes"])
+    if size < PYTHON_5G_MIN_BYTES and "TURBOFS_PY5G_REQUIREMENTS" not in os.environ:
+        raise ImageBuildError(f"python-5g is only {size / 1e9:.2f} GB uncompressed (want >= 4 GB)")
 
 
 # --------------------------------------------------------------------------- registry
@@ -623,6 +653,8 @@ IMAGES: dict[str, ImageSpec] = {
     for spec in (
         ImageSpec("sample", build_sample, "small Debian image with whiteouts, links, xattrs"),
         ImageSpec("python-1g", build_python_1g, "Debian + torch/numpy venv, > 1 GB", _check_python_1g),
+        ImageSpec("python-5g", build_python_5g, "python-1g with torch's CUDA build and nvidia wheels, ~5 GB",
+                  _check_python_5g),
     )
 }
 
