@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+from bench.mount_bench import fetch_figures, parse_metrics
 from tests.containerd_fixtures import Containerd
 from tests.registry_fixtures import DistributionRegistry, RegistryProcess, TurbofsRegistry
 from tests.snapshotter_fixtures import SnapshotterProcess, proxy_plugin_toml
@@ -369,27 +370,6 @@ def with_app_times(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "_bucket{" not in line:
-            key, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[key] = float(value)
-    return out
-
-
-def _fetch_figures(metrics: dict[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for kind in ("demand", "readahead", "prefetch"):
-        out[f"{kind}_bytes"] = metrics.get(f'turbofs_fetch_bytes_total{{kind="{kind}"}}', 0.0)
-        out[f"{kind}_chunks"] = metrics.get(f'turbofs_fetch_chunks_total{{kind="{kind}"}}', 0.0)
-        out[f"{kind}_fetches"] = metrics.get(f'turbofs_fetch_seconds_count{{kind="{kind}"}}', 0.0)
-        out[f"{kind}_fetch_seconds_sum"] = round(metrics.get(f'turbofs_fetch_seconds_sum{{kind="{kind}"}}', 0.0), 4)
-    out["http_requests"] = sum(v for k, v in metrics.items() if k.startswith("turbofs_registry_requests_total"))
-    return out
-
-
 def _vm_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -439,7 +419,7 @@ def working_set(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[s
     b1 = link.rx_bytes()
     sn = node.snap
     (mp,) = sn.turbofs_mounts()
-    fetched = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
+    fetched = fetch_figures(parse_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     ws = int(fetched["demand_bytes"] + fetched["readahead_bytes"])
     return {"path": "turbofs-no-prefetch", "ready_s": round(ready_s, 3), "bytes_at_ready": b1 - b0,
             "working_set_bytes": ws, "fetch": fetched, "ready_line": lines[-1]}
@@ -490,7 +470,7 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[s
     (mp,) = sn.turbofs_mounts()
     from turbofs import mountctl
 
-    at_ready = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
+    at_ready = fetch_figures(parse_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     status = json.loads(mountctl.query(mp, "status", sn.run_dir))
     daemon_start_after_s = round(time.time() - float(status["uptime"]) - t0_wall, 3)
     # wait for the complete background prefetch (the watcher saw when it ended)
@@ -502,7 +482,7 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[s
     state = status.get("prefetch", {}).get("state")
     prefetch_s = (watcher.done_at if watcher.done_at is not None else time.monotonic()) - t0
     b_all = link.rx_bytes()
-    final = _fetch_figures(_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
+    final = fetch_figures(parse_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     pid = int(status["pid"])
     rss = {"peak_rss_kib": _vm_kib(pid, "VmHWM"), "rss_kib": _vm_kib(pid, "VmRSS")}
     drop_caches()
