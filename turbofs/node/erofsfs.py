@@ -40,7 +40,8 @@ import trio
 
 from turbofs import format as fmt
 from turbofs.erofs import ErofsImage, build_erofs, check_erofs
-from turbofs.errors import FormatError, TurboError
+from turbofs.errors import TurboError
+from turbofs.node.fusefs import errno_of
 
 log = logging.getLogger("turbofs.erofs")
 
@@ -66,17 +67,6 @@ class ChunkReaderLike(Protocol):
     async def read_chunks(self, chunks: Sequence[fmt.Chunk], *, ino: int | None = None) -> dict[int, bytes]: ...
 
     def read_ahead(self, chunks: Sequence[fmt.Chunk]) -> int: ...
-
-
-def _errno(exc: BaseException) -> int:
-    """The one place where exceptions become errno values."""
-    if isinstance(exc, pyfuse3.FUSEError):
-        return exc.errno
-    if isinstance(exc, FormatError | TurboError):
-        return errno.EIO
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return errno.EIO
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -165,7 +155,7 @@ class ErofsFileFS(pyfuse3.Operations):
             leaf = _first_leaf(exc)
             if not isinstance(leaf, Exception):
                 raise
-            code = _errno(leaf)
+            code = errno_of(leaf)
             if code == errno.EIO:
                 log.error("%s: read of image bytes [%d, +%d) failed: %s", self.name, off, size, leaf)
             raise pyfuse3.FUSEError(code) from None

@@ -3,7 +3,7 @@
 Inodes map to index entries (FUSE inode = index inode + 1, so the root is
 ``pyfuse3.ROOT_INODE``); metadata comes from the in-memory index; file data comes from the
 reader (``read(ino, offset, length)``). Errors become errno values in one place,
-:func:`_errno`. The image never changes, so entries and attributes are cached by the kernel
+:func:`errno_of`. The image never changes, so entries and attributes are cached by the kernel
 for ``attr_timeout`` seconds and files are opened with ``keep_cache``: a repeated read is
 served from the page cache and never reaches Python.
 """
@@ -31,8 +31,8 @@ class Reader(Protocol):
     async def read(self, ino: int, offset: int, length: int) -> bytes: ...
 
 
-def _errno(exc: BaseException) -> int:
-    """The one place where exceptions become errno values."""
+def errno_of(exc: BaseException) -> int:
+    """The one place where exceptions become errno values (both presentations use it)."""
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     if isinstance(exc, NotFound):
@@ -89,7 +89,7 @@ class TurboFS(pyfuse3.Operations):
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
-            code = _errno(exc)
+            code = errno_of(exc)
             if code == errno.EIO:
                 log.error("%s: %s %s failed: %s", self.name, op, self.path_of(ino), exc)
                 if self._on_error:
