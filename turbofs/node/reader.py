@@ -211,17 +211,7 @@ class ChunkReader:
         if not slices:
             return b""
         end = slices[-1].file_offset + slices[-1].length
-        datas: dict[int, bytes] = {}
-        missing: dict[int, Chunk] = {}
-        for s in slices:
-            c = s.chunk
-            if c is None or c.id in datas or c.id in missing:
-                continue
-            data = self.cache.get_ram(c)
-            if data is None:
-                missing[c.id] = c
-            else:
-                datas[c.id] = data
+        datas, missing = self._from_ram([s.chunk for s in slices if s.chunk is not None])
         if missing:
             flights = self._start(list(missing.values()), FetchKind.DEMAND)
             self._readahead(ino, offset, end)
@@ -244,17 +234,24 @@ class ChunkReader:
             return data
         return (await self._wait(self._start([chunk], FetchKind.DEMAND), ino))[chunk.id]
 
-    async def read_chunks(self, chunks: Sequence[Chunk], *, ino: int | None = None) -> dict[int, bytes]:
-        """Whole uncompressed chunks by id; the missing ones are fetched together (one
-        coalesced request where they are adjacent in a blob), not one request each."""
+    def _from_ram(self, chunks: Sequence[Chunk]) -> tuple[dict[int, bytes], dict[int, Chunk]]:
+        """The chunks the RAM tier holds (by id), and the others (by id, once each)."""
         datas: dict[int, bytes] = {}
         missing: dict[int, Chunk] = {}
         for c in chunks:
+            if c.id in datas or c.id in missing:
+                continue
             data = self.cache.get_ram(c)
             if data is None:
                 missing[c.id] = c
             else:
                 datas[c.id] = data
+        return datas, missing
+
+    async def read_chunks(self, chunks: Sequence[Chunk], *, ino: int | None = None) -> dict[int, bytes]:
+        """Whole uncompressed chunks by id; the missing ones are fetched together (one
+        coalesced request where they are adjacent in a blob), not one request each."""
+        datas, missing = self._from_ram(chunks)
         if missing:
             datas.update(await self._wait(self._start(list(missing.values()), FetchKind.DEMAND), ino))
         return datas
