@@ -14,6 +14,7 @@ The steps, each in its own module::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -38,6 +39,10 @@ from turbofs import format as fmt
 from turbofs import oci
 from turbofs.config import DEFAULT_PATH_MAX, BuildConfig
 from turbofs.errors import LimitExceeded, SourceError, UnsafeEntry
+from turbofs.trace import StartupTrace
+from turbofs.trace import split_path as split_trace_path
+
+log = logging.getLogger("turbofs.build")
 
 _NS = 1_000_000_000
 
@@ -61,6 +66,7 @@ class BuildResult:
     index_bytes: int = 0
     seconds: float = 0.0
     layers: int = 0
+    startup_chunks: int = 0  # chunks of the recorded startup trace found in the image
     extra: dict[str, Any] = field(default_factory=dict)
 
     padding: int = 0  # alignment zeros inside packed chunks
@@ -95,6 +101,8 @@ class BuildResult:
                 f"ratios        dedup x{self.dedup_ratio:.2f}, compression x{self.compression_ratio:.2f}",
                 f"time          {self.seconds:.2f} s, {self.throughput:.0f} MB/s",
             ]
+            + ([f"startup       {self.startup_chunks} chunks of the recorded start go first"]
+               if self.startup_chunks else [])
         )
 
 
@@ -278,7 +286,56 @@ def _resolve(fut: Future[Digest]) -> Digest:
     return fut.result()
 
 
-def _assemble(tree: Tree, store: ChunkStore, cfg: BuildConfig, writer: oci.LayoutWriter, result: BuildResult) -> bytes:
+def _startup_digests(
+    trace: StartupTrace, tree: Tree, file_refs: dict[int, list[tuple[Digest, int]]], present: set[bytes]
+) -> list[bytes]:
+    """The chunk digests of ``trace`` that this image has, in trace order, each once: the
+    trace's chunks, then the chunks of its paths (symlinks followed inside the image)."""
+    out: dict[bytes, None] = {}
+    for d in trace.chunks:
+        if d in present:
+            out[d] = None
+    if trace.paths:
+        by_path: dict[tuple[bytes, ...], Node] = dict(tree.walk())
+        for raw in trace.paths:
+            node = _follow(by_path, split_trace_path(raw))
+            if node is None:
+                log.warning("startup trace: %s is not a regular file of the image; skipped", show(raw))
+                continue
+            for digest, _off in file_refs.get(id(node), ()):
+                if digest is not None:
+                    out[digest] = None
+    return list(out)
+
+
+def _follow(by_path: dict[tuple[bytes, ...], Node], parts: tuple[bytes, ...]) -> Node | None:
+    """The regular file at ``parts``, following symlinks (40 at most, like the kernel)."""
+    for _ in range(40):
+        node = by_path.get(parts)
+        if node is None:
+            return None
+        if stat.S_ISREG(node.mode):
+            return node
+        if not stat.S_ISLNK(node.mode):
+            return None
+        base = () if node.target.startswith(b"/") else parts[:-1]
+        resolved: list[bytes] = list(base)
+        for p in node.target.split(b"/"):
+            if p in (b"", b"."):
+                continue
+            if p == b"..":
+                if resolved:
+                    resolved.pop()
+            else:
+                resolved.append(p)
+        parts = tuple(resolved)
+    return None
+
+
+def _assemble(
+    tree: Tree, store: ChunkStore, cfg: BuildConfig, writer: oci.LayoutWriter, result: BuildResult,
+    startup_trace: StartupTrace | None = None,
+) -> bytes:
     # inode numbers in depth-first name order; hardlinked names share one
     order: list[Node] = []
     ino_of: dict[int, int] = {}
@@ -309,10 +366,23 @@ def _assemble(tree: Tree, store: ChunkStore, cfg: BuildConfig, writer: oci.Layou
                 layout.append(digest)
             if digest is not None and (isinstance(node.data, SmallData) or _is_hot(paths[id(node)], node)):
                 hot.add(digest)
+    # a recorded startup: its chunks go first, in first-use order, both in the blobs (so
+    # fetching them is a few long ranges) and in the prefetch order
+    startup = _startup_digests(startup_trace, tree, file_refs, seen) if startup_trace is not None else []
+    if startup:
+        first = set(startup)
+        layout = startup + [d for d in layout if d not in first]
+        result.startup_chunks = len(startup)
     chunks, blobs = store.write_blobs(layout, writer)
     chunk_id = {c.digest: c.id for c in chunks}
-    # prefetch: chunks of small files and likely-hot files first, then the rest, in layout order
-    prefetch = [chunk_id[d] for d in layout if d in hot] + [chunk_id[d] for d in layout if d not in hot]
+    # prefetch: the recorded startup, then chunks of small files and likely-hot files, then
+    # the rest, in layout order
+    n_first = len(startup)
+    prefetch = (
+        [chunk_id[d] for d in layout[:n_first]]
+        + [chunk_id[d] for d in layout[n_first:] if d in hot]
+        + [chunk_id[d] for d in layout[n_first:] if d not in hot]
+    )
     specs: list[fmt.InodeSpec] = []
     for node in order:
         fmt_bits = stat.S_IFMT(node.mode)
@@ -343,7 +413,10 @@ def _assemble(tree: Tree, store: ChunkStore, cfg: BuildConfig, writer: oci.Layou
     result.chunk_bytes = sum(c.ulen for c in chunks)
     result.compressed_bytes = sum(c.clen for c in chunks)
     result.padding = store.padding
-    index_blob = fmt.encode(chunk_size=cfg.chunk_size, inodes=specs, chunks=chunks, blobs=blobs, prefetch=prefetch)
+    index_blob = fmt.encode(
+        chunk_size=cfg.chunk_size, inodes=specs, chunks=chunks, blobs=blobs, prefetch=prefetch,
+        startup=[chunk_id[d] for d in startup],
+    )
     result.extra["blob_descriptors"] = [
         oci.Descriptor(oci.TURBO_CHUNKS, b.oci_digest, b.size) for b in blobs
     ]
@@ -373,8 +446,12 @@ def build(
     *,
     force: bool = False,
     progress: bool | None = None,
+    startup_trace: StartupTrace | None = None,
 ) -> BuildResult:
     """Convert ``source`` into a turbo image at ``output`` (an OCI image layout).
+
+    ``startup_trace``: a recorded start (:mod:`turbofs.trace`) whose chunks go first in the
+    blobs and in the index's prefetch order, and into its startup section.
 
     Nothing appears at ``output`` unless the whole image was written and verified.
     """
@@ -407,7 +484,7 @@ def build(
         bar.close()
         result = BuildResult(output, cfg.tag, "", "", layers=max(1, len(src.layers)))
         result.input_bytes = budget.bytes
-        index_blob = _assemble(tree, store, cfg, writer, result)
+        index_blob = _assemble(tree, store, cfg, writer, result, startup_trace)
         index_digest = writer.add_blob(index_blob)
         config = src.config if src.rootfs is None else _rootfs_config(index_blob)
         config_digest = writer.add_blob(config)

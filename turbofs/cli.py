@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     b.add_argument("--verify", action="store_true", help="decode and check the written index")
+    b.add_argument("--startup-trace", type=Path, metavar="FILE",
+                   help="a recorded start (from `turbofs trace`, or a list of image paths): its chunks "
+                   "are stored and prefetched first")
 
     s = sub.add_parser(
         "serve",
@@ -132,6 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("mountpoint", type=Path)
     st.add_argument("--metrics", action="store_true", help="Prometheus text instead of JSON")
     st.add_argument("--run-dir", type=Path)
+
+    tr = sub.add_parser(
+        "trace",
+        help="write what a mount has read so far as a startup trace (for build --startup-trace)",
+        description="Ask the daemon of MOUNTPOINT which chunks reads have used since it mounted, in "
+        "first-use order, and write them as a startup trace (JSON). Mount the image, start its process "
+        "once, then `turbofs trace`: `turbofs build --startup-trace FILE` stores the trace in the index "
+        "so that every cold start fetches those chunks first.",
+    )
+    tr.add_argument("mountpoint", type=Path)
+    tr.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    tr.add_argument("--run-dir", type=Path)
 
     sn = sub.add_parser(
         "snapshotter",
@@ -228,6 +243,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     print(mountctl.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
                        args.run_dir or mountctl.DEFAULT_RUN_DIR))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from turbofs import mountctl
+    from turbofs.oci import atomic_write
+    from turbofs.trace import parse
+
+    text = mountctl.query(args.mountpoint.absolute(), "trace", args.run_dir or mountctl.DEFAULT_RUN_DIR)
+    trace = parse(text.encode(), name=f"trace of {args.mountpoint}")  # checks what the daemon sent
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(args.output, text.encode())
+    print(f"{len(trace.chunks)} chunks of {len(trace.files)} files", file=sys.stderr)
     return 0
 
 
@@ -336,7 +366,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
         max_image_size=args.max_image_size,
         max_entries=args.max_entries,
     )
-    result = build(args.source, args.output, cfg, force=args.force, progress=args.progress)
+    trace = None
+    if args.startup_trace is not None:
+        from turbofs.trace import load
+
+        trace = load(args.startup_trace)
+    result = build(args.source, args.output, cfg, force=args.force, progress=args.progress, startup_trace=trace)
     if args.verify:
         from turbofs.image import open_layout_image
 
@@ -363,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_umount(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "trace":
+            return _cmd_trace(args)
         if args.command == "snapshotter":
             return _cmd_snapshotter(args)
         if args.command == "pull":

@@ -84,6 +84,15 @@ DEFAULT_PREFETCH_BANDWIDTH: Final = 0  # bytes/s over the network; 0: no cap
 #: Compressed bytes per prefetch fetch (chunks of the prefetch order, adjacent in their
 #: blob most of the time, so usually one range): about one average blob.
 DEFAULT_PREFETCH_BATCH_BYTES: Final = 4 * MiB
+#: The background prefetch (after a recorded startup's chunks, which go first) starts a
+#: batch only once reads have not waited on the network for this long: its batches share
+#: the link and its queue with reads, and a read queued behind them waits (measured: ~12 ms
+#: per demand fetch with the prefetch running flat out vs ~1.6 ms without; cold start of
+#: python-5g 27 s vs 8 s; bench/README.md, cold start).
+DEFAULT_PREFETCH_QUIET: Final = 0.25
+#: Compressed bytes per fetch of a recorded startup's chunks: they are adjacent in the
+#: blobs, and smaller batches keep them arriving in the order the startup reads them.
+DEFAULT_PREFETCH_STARTUP_BATCH_BYTES: Final = 1 * MiB
 DEFAULT_PREFETCH_BACKOFF: Final = 1.0  # seconds after a failed prefetch fetch, doubled per failure
 DEFAULT_PREFETCH_BACKOFF_MAX: Final = 60.0
 #: Prefetch stops once it has written this share of the disk cache bound (it would
@@ -224,6 +233,8 @@ class DaemonConfig:
     prefetch_parallel: int = DEFAULT_PREFETCH_PARALLEL
     prefetch_bandwidth: int = DEFAULT_PREFETCH_BANDWIDTH
     prefetch_batch_bytes: int = DEFAULT_PREFETCH_BATCH_BYTES
+    prefetch_startup_batch_bytes: int = DEFAULT_PREFETCH_STARTUP_BATCH_BYTES
+    prefetch_quiet: float = DEFAULT_PREFETCH_QUIET  # seconds; 0: only while no read waits
     prefetch_backoff: float = DEFAULT_PREFETCH_BACKOFF
     prefetch_backoff_max: float = DEFAULT_PREFETCH_BACKOFF_MAX
     prefetch_disk_share: float = DEFAULT_PREFETCH_DISK_SHARE
@@ -235,11 +246,11 @@ class DaemonConfig:
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
         for name in ("disk_cache_bytes", "ram_cache_bytes", "read_timeout", "fetch_timeout",
-                     "demand_parallel", "prefetch_parallel", "prefetch_batch_bytes",
+                     "demand_parallel", "prefetch_parallel", "prefetch_batch_bytes", "prefetch_startup_batch_bytes",
                      "prefetch_backoff", "prefetch_backoff_max"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")
-        for name in ("readahead_trigger", "readahead_chunks", "prefetch_bandwidth"):
+        for name in ("readahead_trigger", "readahead_chunks", "prefetch_bandwidth", "prefetch_quiet"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative")
         if not 0 < self.prefetch_disk_share <= 1:

@@ -51,6 +51,8 @@ SEC_BLOBS: Final = 5
 SEC_XATTRS: Final = 6
 SEC_PREFETCH: Final = 7
 SEC_HEAP: Final = 8
+#: Added in revision 1.1 (readers of 1.0 skip it): the recorded startup's chunks, in first-use order.
+SEC_STARTUP: Final = 9
 
 _HEADER = struct.Struct("<8sHHIQQ32s")  # magic, version, flags, header size, payload len, compressed len, payload sha256
 _SUPER = struct.Struct("<IIII")  # chunk_size_log2, root ino, n_sections, reserved
@@ -73,7 +75,10 @@ _RECORD_SIZES: Final = {
     SEC_XATTRS: _XATTR.size,
     SEC_PREFETCH: _U32.size,
     SEC_HEAP: 1,
+    SEC_STARTUP: _U32.size,
 }
+#: Sections an index may leave out.
+_OPTIONAL_SECTIONS: Final = frozenset({SEC_STARTUP})
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,9 +193,14 @@ def encode(
     chunks: Sequence[Chunk],
     blobs: Sequence[Blob],
     prefetch: Sequence[int],
+    startup: Sequence[int] = (),
     level: int = 9,
 ) -> bytes:
-    """Encode an index. ``inodes[0]`` is the root directory; output is deterministic."""
+    """Encode an index. ``inodes[0]`` is the root directory; output is deterministic.
+
+    ``startup``: the chunks a recorded process start read, in first-use order (written as
+    a startup section only when not empty, so an index without a trace stays byte-identical
+    to one written before the section existed)."""
     log2 = chunk_size.bit_length() - 1
     if chunk_size != 1 << log2 or not MIN_CHUNK_LOG2 <= log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
@@ -264,6 +274,8 @@ def encode(
         (SEC_PREFETCH, prefetch_buf),
         (SEC_HEAP, bytes(heap.buf)),
     ]
+    if startup:
+        sections.append((SEC_STARTUP, b"".join(_U32.pack(c) for c in startup)))
     table_len = _SUPER.size + _SECTION.size * len(sections)
     parts = [_SUPER.pack(log2, ROOT_INO, len(sections), 0)]
     off = table_len
@@ -320,7 +332,7 @@ class Index:
             if length % rec:
                 raise _fmt_err(f"section {sec_id} length {length} is not a multiple of {rec}")
             secs[sec_id] = mv[off : off + length]
-        missing = set(_RECORD_SIZES) - set(secs)
+        missing = set(_RECORD_SIZES) - set(secs) - _OPTIONAL_SECTIONS
         if missing:
             raise _fmt_err(f"missing sections {sorted(missing)}")
         self._inodes = secs[SEC_INODES]
@@ -330,6 +342,7 @@ class Index:
         self._blobs = secs[SEC_BLOBS]
         self._xattrs = secs[SEC_XATTRS]
         self._prefetch = secs[SEC_PREFETCH]
+        self._startup = secs.get(SEC_STARTUP, memoryview(b""))
         self._heap = bytes(secs[SEC_HEAP])
         self.n_inodes = len(self._inodes) // _INODE.size
         self.n_dirents = len(self._dirents) // _DIRENT.size
@@ -489,6 +502,11 @@ class Index:
     def prefetch_order(self) -> list[int]:
         return [c for (c,) in _U32.iter_unpack(self._prefetch)]
 
+    def startup_chunks(self) -> list[int]:
+        """The chunks a recorded process start read, in first-use order (empty without a
+        recorded trace). The prefetch order starts with them."""
+        return [c for (c,) in _U32.iter_unpack(self._startup)]
+
     def file_refs(self, ino: int) -> list[tuple[int, int]]:
         """The (chunk id, offset) of each ``chunk_size`` piece of a regular file."""
         mode, *_rest, size, a, b = self._raw_inode(ino)
@@ -589,6 +607,9 @@ class Index:
         for c in self.prefetch_order():
             if c >= self.n_chunks:
                 raise _fmt_err(f"prefetch order names chunk {c} out of range")
+        for c in self.startup_chunks():
+            if c >= self.n_chunks:
+                raise _fmt_err(f"startup section names chunk {c} out of range")
 
 
 _KNOWN_TYPES: Final = frozenset(

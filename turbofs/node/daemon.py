@@ -51,7 +51,7 @@ from turbofs.node.fusefs import TurboFS, fuse_options
 from turbofs.node.metrics import NodeMetrics
 from turbofs.node.prefetch import Prefetcher
 from turbofs.node.reader import ChunkReader
-from turbofs.node.source import open_image
+from turbofs.node.source import OpenedImage, open_image
 
 log = logging.getLogger("turbofs.daemon")
 
@@ -83,6 +83,7 @@ class Daemon:
         self.mode = "fuse"  # or "erofs" (decided in run)
         self.erofs: erofsfs.ErofsMount | None = None
         self.failure: TurboError | None = None  # why the erofs mount could not be made
+        self.opened: OpenedImage | None = None
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -102,6 +103,16 @@ class Daemon:
         if self.ops is not None:
             out["fuse_requests"] = dict(self.ops.counts)
         return out
+
+    def _trace(self, chunk_ids: list[int]) -> bytes:
+        """What this mount has read so far (``chunk_ids``), as a startup trace (``turbofs
+        trace``); runs in a worker thread (it walks the whole index)."""
+        from turbofs import trace
+
+        if self.opened is None:
+            return trace.StartupTrace(image=self.req.ref).to_json()
+        return trace.recorded(self.opened.index, chunk_ids, image=self.req.ref,
+                              index_digest=self.opened.manifest.index.digest).to_json()
 
     async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         path = self.state / "control.sock"
@@ -125,6 +136,9 @@ class Daemon:
                 cmd = data.strip().decode(errors="replace")
                 if cmd == "metrics":
                     reply = self.metrics.render()
+                elif cmd == "trace":
+                    ids = self.reader.trace() if self.reader is not None else []  # a copy, taken here
+                    reply = (await trio.to_thread.run_sync(self._trace, ids)).decode()
                 else:
                     reply = json.dumps(self.status(), default=str)
                 await stream.send_all(reply.encode())
@@ -170,6 +184,7 @@ class Daemon:
         (self.state / "pid").write_text(f"{os.getpid()}\n")
         clean_stale(req.mountpoint)
         opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
+        self.opened = opened
         cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
         name = f"turbofs:{req.ref}"[:200].replace(",", "_")
         try:

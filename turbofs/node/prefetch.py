@@ -1,5 +1,12 @@
 """Background prefetch: every chunk of an image into the disk tier, in the index's order.
 
+Two phases. **Startup**: when the index has a recorded startup (its startup section, from
+``turbofs build --startup-trace``), those chunks come first, in the order the recorded start
+first read them, in small batches (``prefetch_startup_batch_bytes``) at full parallelism,
+into RAM as well as disk: they are predicted demand, so this phase does not yield to reads
+(reads of those chunks join its flights). **Background**: the rest of the prefetch order,
+which yields to reads (below).
+
 The index's prefetch order puts first what a process start is likely to read. The
 :class:`Prefetcher` walks it in batches (consecutive chunks, up to ``prefetch_batch_bytes``
 compressed, which are mostly adjacent in one blob: one range each), with at most
@@ -10,7 +17,9 @@ twice, and chunks go to disk only (not RAM). A chunk already cached (RAM or disk
 as done without a fetch.
 
 Demand reads jump the queue: prefetch fetches take their own slots (never the readers'),
-and no new batch starts while a read waits for a chunk. A failed batch (registry down,
+and no new background batch starts while a read waits for a chunk, nor until no read has
+waited for ``prefetch_quiet`` seconds: on one link, a read's response queues behind the
+batches' bytes (measured in bench/README.md, cold start). A failed batch (registry down,
 5xx past the client's retries) is retried after an exponential backoff with jitter, for as
 long as it takes; a chunk that is corrupt twice is counted and skipped. Prefetch stops
 once it has written ``prefetch_disk_share`` of the disk bound, since going on would evict
@@ -40,6 +49,7 @@ log = logging.getLogger("turbofs.node.prefetch")
 
 class PrefetchState(enum.StrEnum):  # a str: JSON-friendly for ``turbofs status``
     WAITING = "waiting"  # not started
+    STARTUP = "startup"  # fetching a recorded startup's chunks
     RUNNING = "running"
     PAUSED = "paused"  # a demand read is waiting
     BACKOFF = "backoff"  # after a failed fetch
@@ -65,6 +75,8 @@ class PrefetchProgress:
     bytes_per_second: float  # fetched bytes / elapsed
     chunks_per_second: float
     last_error: str | None
+    startup_chunks: int = 0  # chunks of the recorded startup (the first phase)
+    startup_seconds: float | None = None  # when the startup phase ended (since the start)
 
     @property
     def fraction(self) -> float:
@@ -117,7 +129,12 @@ class Prefetcher:
         self.cfg = (cfg or reader.cfg).validate()
         index = reader.index
         ids = order if order is not None else index.prefetch_order()
-        self._chunks = [index.chunk(i) for i in dict.fromkeys(ids)]
+        startup = dict.fromkeys(index.startup_chunks() if order is None else ())
+        self._startup = [index.chunk(i) for i in startup]
+        self._rest = [index.chunk(i) for i in dict.fromkeys(ids) if i not in startup]
+        self._chunks = self._startup + self._rest
+        self._startup_end: float | None = None
+        self._in_startup = False
         self._bytes_total = sum(c.clen for c in self._chunks)
         self._state = PrefetchState.WAITING
         self._done = trio.Event()
@@ -154,6 +171,8 @@ class Prefetcher:
     def progress(self) -> PrefetchProgress:
         state = self._state
         if state is PrefetchState.RUNNING:
+            if self._in_startup:
+                state = PrefetchState.STARTUP
             if self._backing_off:
                 state = PrefetchState.BACKOFF
             elif self._paused:
@@ -168,6 +187,8 @@ class Prefetcher:
             self.bytes_fetched / elapsed if elapsed > 0 else 0.0,
             self.chunks_fetched / elapsed if elapsed > 0 else 0.0,
             self.last_error,
+            len(self._startup),
+            None if self._startup_end is None or self._start is None else self._startup_end - self._start,
         )
 
     async def wait_done(self) -> PrefetchProgress:
@@ -186,10 +207,15 @@ class Prefetcher:
                 return
             self._state = PrefetchState.RUNNING
             task_status.started()
-            batches = self._batches()
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.cfg.prefetch_parallel):
-                    nursery.start_soon(self._worker, batches)
+            if self._startup:
+                self._in_startup = True
+                try:
+                    await self._phase(self._batches(self._startup, self.cfg.prefetch_startup_batch_bytes), True)
+                finally:
+                    self._in_startup = False
+                    self._startup_end = trio.current_time()
+            if not self._stop:
+                await self._phase(self._batches(self._rest, self.cfg.prefetch_batch_bytes), False)
             self._state = PrefetchState.STOPPED if self._stop else PrefetchState.DONE
             p = self.progress()
             log.info(
@@ -209,19 +235,24 @@ class Prefetcher:
             self.bytes_fetched += c.clen
             self._written += c.ulen  # disk usage: the disk tier holds uncompressed chunks
 
-    def _batches(self) -> Iterator[list[Chunk]]:
-        """Consecutive chunks of the order not cached yet, ``prefetch_batch_bytes`` at most
-        per batch. Lazy: what reads cached meanwhile is skipped."""
+    async def _phase(self, batches: Iterator[list[Chunk]], startup: bool) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.cfg.prefetch_parallel):
+                nursery.start_soon(self._worker, batches, startup)
+
+    def _batches(self, chunks: Sequence[Chunk], max_bytes: int) -> Iterator[list[Chunk]]:
+        """Consecutive ``chunks`` not cached yet, ``max_bytes`` at most per batch. Lazy: what
+        reads cached meanwhile is skipped."""
         cache = self.reader.cache
         batch: list[Chunk] = []
         size = 0
-        for c in self._chunks:
+        for c in chunks:
             if self._stop:
                 return
             if cache.contains(c):
                 self._done_chunk(c, fetched=False)
                 continue
-            if batch and size + c.clen > self.cfg.prefetch_batch_bytes:
+            if batch and size + c.clen > max_bytes:
                 yield batch
                 batch, size = [], 0
             batch.append(c)
@@ -229,21 +260,22 @@ class Prefetcher:
         if batch and not self._stop:
             yield batch
 
-    async def _worker(self, batches: Iterator[list[Chunk]]) -> None:
+    async def _worker(self, batches: Iterator[list[Chunk]], startup: bool) -> None:
         for batch in batches:
-            await self._fetch_batch(batch)
+            await self._fetch_batch(batch, startup)
             if self._stop:
                 return
 
-    async def _fetch_batch(self, batch: list[Chunk]) -> None:
+    async def _fetch_batch(self, batch: list[Chunk], startup: bool = False) -> None:
         reader = self.reader
         disk = reader.cache.disk
         attempt = 0
+        quiet = self.cfg.prefetch_quiet
         while batch:
-            if reader.demand_waiting:
+            if not startup and not reader.demand_quiet(quiet):
                 self._paused += 1
                 try:
-                    await reader.wait_demand_idle()
+                    await reader.wait_demand_idle(quiet)
                 finally:
                     self._paused -= 1
             if self._bucket is not None:
@@ -256,7 +288,7 @@ class Prefetcher:
                     todo.append(c)
             if not todo:
                 return
-            results = await reader.prefetch(todo)
+            results = await reader.prefetch(todo, startup=startup)
             retry = []
             for c, err in zip(todo, results, strict=True):
                 if err is None:

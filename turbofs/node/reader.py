@@ -60,6 +60,7 @@ class FetchKind(enum.StrEnum):
     DEMAND = "demand"  # a read waits for it
     READAHEAD = "readahead"  # a sequential reader will want it soon (into RAM and disk)
     PREFETCH = "prefetch"  # background, into the disk tier only
+    STARTUP = "startup"  # prefetch of a recorded startup's chunks: reads will want them soon (RAM and disk)
 
 
 class ChunkState(enum.StrEnum):
@@ -142,10 +143,12 @@ class ChunkReader:
         self._demand_waiting = 0
         self._demand_idle = trio.Event()
         self._demand_idle.set()
+        self._demand_last = -float("inf")  # trio time the last read stopped waiting
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._paths: dict[int, str] | None = None
         self._last_failure: tuple[float, str] | None = None
+        self._trace: dict[int, None] = {}  # chunk ids in the order reads first asked for them
 
     # -- lifetime
 
@@ -177,6 +180,11 @@ class ChunkReader:
             return flight.state
         return ChunkState.CACHED if self.cache.contains(self.index.chunk(chunk_id)) else ChunkState.MISSING
 
+    def trace(self) -> list[int]:
+        """The chunks reads have asked for (not readahead or prefetch), in first-use order:
+        a process start's trace (:mod:`turbofs.trace`)."""
+        return list(self._trace)
+
     @property
     def in_flight(self) -> int:
         return len(self._flights)
@@ -186,10 +194,19 @@ class ChunkReader:
         """Reads waiting for chunks right now."""
         return self._demand_waiting
 
-    async def wait_demand_idle(self) -> None:
-        """Return once no read waits for a chunk."""
-        while self._demand_waiting:
-            await self._demand_idle.wait()
+    async def wait_demand_idle(self, quiet: float = 0.0) -> None:
+        """Return once no read waits for a chunk, and none has for ``quiet`` seconds."""
+        while True:
+            while self._demand_waiting:
+                await self._demand_idle.wait()
+            left = self._demand_last + quiet - trio.current_time()
+            if left <= 0:
+                return
+            await trio.sleep(left)
+
+    def demand_quiet(self, quiet: float) -> bool:
+        """No read waits for a chunk, and none has for ``quiet`` seconds."""
+        return not self._demand_waiting and trio.current_time() - self._demand_last >= quiet
 
     def path_of(self, ino: int) -> str:
         """A path of ``ino`` in the image, for messages (built on first use)."""
@@ -229,6 +246,8 @@ class ChunkReader:
 
     async def read_chunk(self, chunk: Chunk, *, ino: int | None = None) -> bytes:
         """The whole uncompressed chunk (for a reader of chunks rather than files)."""
+        if chunk.id not in self._trace:
+            self._trace[chunk.id] = None
         data = self.cache.get_ram(chunk)
         if data is not None:
             return data
@@ -238,9 +257,12 @@ class ChunkReader:
         """The chunks the RAM tier holds (by id), and the others (by id, once each)."""
         datas: dict[int, bytes] = {}
         missing: dict[int, Chunk] = {}
+        trace = self._trace
         for c in chunks:
             if c.id in datas or c.id in missing:
                 continue
+            if c.id not in trace:
+                trace[c.id] = None
             data = self.cache.get_ram(c)
             if data is None:
                 missing[c.id] = c
@@ -265,11 +287,13 @@ class ChunkReader:
             self._start(todo, FetchKind.READAHEAD)
         return len(todo)
 
-    async def prefetch(self, chunks: Sequence[Chunk]) -> list[BaseException | None]:
+    async def prefetch(self, chunks: Sequence[Chunk], *, startup: bool = False) -> list[BaseException | None]:
         """Bring ``chunks`` into the disk tier (joining flights already under way); returns
-        each chunk's error, or None. No timeout: each flight is bounded by fetch_timeout."""
+        each chunk's error, or None. No timeout: each flight is bounded by fetch_timeout.
+        ``startup``: chunks of a recorded startup, which reads will want soon: into RAM too."""
         todo = [c for c in chunks if not self.cache.contains(c)]
-        flights = {f.chunk.id: f for f in self._start(todo, FetchKind.PREFETCH)}
+        kind = FetchKind.STARTUP if startup else FetchKind.PREFETCH
+        flights = {f.chunk.id: f for f in self._start(todo, kind)}
         for f in flights.values():
             await f.done.wait()
         return [flights[c.id].error if c.id in flights else None for c in chunks]
@@ -334,10 +358,13 @@ class ChunkReader:
 
     async def _load(self, chunks: list[Chunk], kind: FetchKind) -> dict[int, VerifiedChunk | BaseException]:
         ram = kind is not FetchKind.PREFETCH
-        out: dict[int, VerifiedChunk | BaseException] = dict(await self.cache.get_disk_many(chunks, ram=ram, count=ram))
+        count = kind in (FetchKind.DEMAND, FetchKind.READAHEAD)  # cache hits/misses are the reads'
+        out: dict[int, VerifiedChunk | BaseException] = dict(
+            await self.cache.get_disk_many(chunks, ram=ram, count=count)
+        )
         rest = [c for c in chunks if c.id not in out]
         if rest:
-            if kind is FetchKind.PREFETCH:
+            if kind in (FetchKind.PREFETCH, FetchKind.STARTUP):
                 out.update(await self._fetch_verified(rest, kind))
             else:
                 async with self._demand_slots:
@@ -408,6 +435,7 @@ class ChunkReader:
                 f.waiters -= 1
             self._demand_waiting -= 1
             if self._demand_waiting == 0:
+                self._demand_last = trio.current_time()
                 self._demand_idle.set()
         if scope.cancelled_caught:
             late = next(f for f in flights if not f.done.is_set())
