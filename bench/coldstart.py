@@ -1,6 +1,6 @@
 """Cold start: from nothing on the node to the inference process printing ``READY``.
 
-Two paths, measured under the same conditions:
+Paths, measured under the same conditions:
 
 ``standard``
     Debian's docker-registry (CNCF distribution) holds the ordinary image; containerd 1.6
@@ -8,7 +8,15 @@ Two paths, measured under the same conditions:
 ``turbofs``
     the turbofs registry holds the turbo image (``turbofs build`` of the same layout);
     ``turbofs run --plain-http`` through the turbofs snapshotter (lazy mount, background
-    prefetch).
+    prefetch), in the node's default presentation (erofs where the kernel has it).
+``turbofs+trace``
+    the same, with the turbo image rebuilt with a recorded startup (``turbofs build
+    --startup-trace``): the trace is what the working-set run below read (``turbofs trace``
+    on its mount), recorded once per image and kept in the cache, like a user would record
+    it once at push time.
+``turbofs-fuse+trace``
+    the traced image in the per-file FUSE presentation (``[daemon] mode = "fuse"``), for the
+    two presentations side by side.
 
 The link: two network namespaces, ``tfscold-reg`` (both registries, 10.215.0.1/30) and
 ``tfscold-node`` (10.215.0.2/30), one veth pair between them, ``tc tbf`` on the egress of
@@ -22,7 +30,7 @@ they are deleted at the end.
 
 Every run starts from a clean node: a fresh containerd and snapshotter (new root, state,
 content store, snapshots and chunk cache), the page cache dropped. Runs alternate between
-the two paths. A run records:
+the paths (each run starts with the next path of the rotation). A run records:
 
 * ``ready_s``: seconds from the first command (``ctr images pull`` / ``turbofs run``) to the
   container's ``READY`` line on its stdout (for the standard path also ``pull_s``);
@@ -31,7 +39,8 @@ the two paths. A run records:
 * turbofs: the working set (compressed chunk bytes fetched on demand and by read-ahead
   until ``READY``, from the mount daemon's metrics), fetch counts and seconds per kind,
   the daemon's peak RSS (``VmHWM``), and ``prefetch_s``, the time from the start to a
-  complete background prefetch;
+  complete background prefetch; at READY: FUSE requests by kind, bytes the daemon served
+  through FUSE, the daemon's CPU seconds and the page cache's growth since the start;
 * ``warm_s``: the same container started again once everything is local, page cache
   dropped (a warm start from local disk).
 
@@ -44,10 +53,12 @@ Output: raw JSON at ``--out`` (default ``bench/results/coldstart.json``), a char
 Command line::
 
     python -m bench.coldstart [--images python-1g,python-5g] [--runs 3] [--rate 1gbit|none]
+        [--variants turbofs,turbofs+trace,turbofs-fuse+trace] [--retrace]
         [--out bench/results/coldstart.json] [--merge EARLIER.json] [--no-chart]
 
-Images come from :mod:`bench.images` (cached); their turbo layouts are cached under
-``$TURBOFS_CACHE/bench/coldstart/``. Needs root, /dev/fuse, containerd, ctr, runc,
+Images come from :mod:`bench.images` (cached); their turbo layouts and startup traces are
+cached under ``$TURBOFS_CACHE/bench/coldstart/``. Images are copied into both registries
+from inside the registry namespace (setup, not measured: it does not cross the link). Needs root, /dev/fuse, containerd, ctr, runc,
 docker-registry, skopeo, iproute2 (ip, tc) and nsenter.
 """
 
@@ -68,7 +79,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -101,6 +112,22 @@ class BenchImage:
     name: str
     #: command replacing the image's entrypoint (None: the image's own prints READY)
     command: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A turbofs path: which turbo image (with or without a recorded startup) and mount mode."""
+
+    name: str
+    traced: bool
+    mode: str | None = None  # None: the node's default
+
+
+VARIANTS: Final[dict[str, Variant]] = {
+    v.name: v
+    for v in (Variant("turbofs", False), Variant("turbofs+trace", True), Variant("turbofs-fuse+trace", True, "fuse"))
+}
+DEFAULT_VARIANTS: Final = "turbofs,turbofs+trace,turbofs-fuse+trace"
 
 
 BENCH_IMAGES: Final[dict[str, BenchImage]] = {
@@ -259,22 +286,42 @@ class RegDistribution(DistributionRegistry):
         return _nsenter(super()._argv())
 
 
-def turbo_layout(name: str, layout: Path) -> Path:
-    """The turbo image of ``layout``, built once and cached."""
-    from bench.images import cache_dir
-    from index_builder.builder import build
+def _stamp(layout: Path) -> str:
+    return str(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]).split(":")[1][:16]
 
-    stamp = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"].split(":")[1][:16]
-    out = cache_dir() / "bench" / "coldstart" / f"{name}-{stamp}-turbo"
+
+def coldstart_cache() -> Path:
+    from bench.images import cache_dir
+
+    return cache_dir() / "bench" / "coldstart"
+
+
+def turbo_layout(name: str, layout: Path, trace: Path | None = None) -> Path:
+    """The turbo image of ``layout`` (with the startup ``trace`` if given), built once and cached."""
+    import hashlib
+
+    from index_builder.builder import build
+    from turbofs.trace import load
+
+    suffix = "" if trace is None else "-trace-" + hashlib.sha256(trace.read_bytes()).hexdigest()[:12]
+    out = coldstart_cache() / f"{name}-{_stamp(layout)}-turbo{suffix}"
     if not (out / "index.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        log(f"turbofs build {name} -> {out}")
-        build(f"oci:{layout}:latest", out, force=True, progress=False)
+        log(f"turbofs build {name}{' --startup-trace ' + str(trace) if trace else ''} -> {out}")
+        build(f"oci:{layout}:latest", out, force=True, progress=False,
+              startup_trace=None if trace is None else load(trace))
     return out
 
 
+def trace_path(name: str, layout: Path) -> Path:
+    """Where the recorded startup trace of image ``name`` is kept."""
+    return coldstart_cache() / f"{name}-{_stamp(layout)}-startup-trace.json"
+
+
 def skopeo_copy(src: str, dest: str, *extra: str) -> None:
-    run_cmd(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest])
+    """Copy an image into a registry from inside the registry namespace (setup: not over the link)."""
+    run_cmd(_nsenter(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", *extra, src,
+                      dest]))
 
 
 # --------------------------------------------------------------------------- the node
@@ -287,12 +334,14 @@ class Node:
         self.sn: SnapshotterProcess | None = None
         self.ctrd: Containerd | None = None
 
-    def start(self, *, prefetch: bool = True) -> None:
+    def start(self, *, prefetch: bool = True, mode: str | None = None) -> None:
         base = Path(tempfile.mkdtemp(prefix="tfs-cold-", dir="/tmp"))
         self.sn = SnapshotterProcess(base, settings=f'plain_http = ["{ADDR_REG}:{PORT_TURBOFS}"]')
-        if not prefetch:  # [daemon] is the file's last table
-            with self.sn.config_path.open("a") as fh:
+        with self.sn.config_path.open("a") as fh:  # [daemon] is the file's last table
+            if not prefetch:
                 fh.write("prefetch = false\n")
+            if mode is not None:
+                fh.write(f"mode = {json.dumps(mode)}\n")
         self.sn.start()
         self.ctrd = Containerd(proxy_plugin_toml(self.sn.address)).start()
 
@@ -313,10 +362,10 @@ class Node:
         assert self.sn is not None
         return self.sn
 
-    def reset(self, *, prefetch: bool = True) -> None:
+    def reset(self, *, prefetch: bool = True, mode: str | None = None) -> None:
         self.stop()
         drop_caches()
-        self.start(prefetch=prefetch)
+        self.start(prefetch=prefetch, mode=mode)
 
 
 def _ready_line(out: IO[str], deadline: float, marker: str = "READY") -> tuple[float, list[str]]:
@@ -332,14 +381,19 @@ def _ready_line(out: IO[str], deadline: float, marker: str = "READY") -> tuple[f
     raise RuntimeError("no READY line; output:\n" + "\n".join(lines[-40:]))
 
 
-def _timed_ready(argv: Sequence[str], t0: float | None = None) -> tuple[float, list[str]]:
-    """Run ``argv``; seconds from ``t0`` (default: now) to its READY line; then wait for its end."""
+def _timed_ready(
+    argv: Sequence[str], t0: float | None = None, on_ready: Callable[[], None] | None = None
+) -> tuple[float, list[str]]:
+    """Run ``argv``; seconds from ``t0`` (default: now) to its READY line (``on_ready`` is
+    called then); then wait for its end."""
     start = time.monotonic() if t0 is None else t0
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=REPO_ROOT, errors="replace")
     assert proc.stdout is not None
     try:
         t_ready, lines = _ready_line(proc.stdout, start + READY_TIMEOUT)
+        if on_ready is not None:
+            on_ready()
         rest = proc.stdout.read()
         rc = proc.wait(120)
     except BaseException:
@@ -381,6 +435,7 @@ def _vm_kib(pid: int, key: str) -> int:
 class Refs:
     plain: str
     turbo: str
+    traced: str = ""
 
 
 def run_standard(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
@@ -400,29 +455,35 @@ def run_standard(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[
             "ready_line": lines[-1]}
 
 
-def _turbofs_argv(node: Node, image: BenchImage, refs: Refs) -> list[str]:
+def _turbofs_argv(node: Node, image: BenchImage, ref: str) -> list[str]:
     c = node.c
     where = ["--address", c.address, "--namespace", c.namespace, "--snapshotter", "turbofs", "--plain-http"]
     argv = [PYTHON, "-m", "turbofs.cli", "run", "--rm", *where]
     if image.command:
-        return [*argv, "--entrypoint", image.command[0], refs.turbo, "--", *image.command[1:]]
-    return [*argv, refs.turbo]
+        return [*argv, "--entrypoint", image.command[0], ref, "--", *image.command[1:]]
+    return [*argv, ref]
 
 
-def working_set(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
-    """A cold ``turbofs run`` without background prefetch: what the startup itself fetches."""
+def working_set(node: Node, link: Link, image: BenchImage, refs: Refs, trace_out: Path | None) -> dict[str, Any]:
+    """A cold ``turbofs run`` of the image without a recorded startup and without background
+    prefetch: what the startup itself fetches. With ``trace_out``, what it read is written
+    there as a startup trace (``turbofs trace``)."""
     from turbofs import mountctl
 
     node.reset(prefetch=False)
     b0 = link.rx_bytes()
-    ready_s, lines = _timed_ready(_turbofs_argv(node, image, refs))
+    ready_s, lines = _timed_ready(_turbofs_argv(node, image, refs.turbo))
     b1 = link.rx_bytes()
     sn = node.snap
     (mp,) = sn.turbofs_mounts()
     fetched = fetch_figures(parse_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
     ws = int(fetched["demand_bytes"] + fetched["readahead_bytes"])
-    return {"path": "turbofs-no-prefetch", "ready_s": round(ready_s, 3), "bytes_at_ready": b1 - b0,
-            "working_set_bytes": ws, "fetch": fetched, "ready_line": lines[-1]}
+    out = {"path": "turbofs-no-prefetch", "ready_s": round(ready_s, 3), "bytes_at_ready": b1 - b0,
+           "working_set_bytes": ws, "fetch": fetched, "ready_line": lines[-1]}
+    if trace_out is not None:
+        run_cmd([PYTHON, "-m", "turbofs.cli", "trace", str(mp), "-o", str(trace_out), "--run-dir", str(sn.run_dir)])
+        out["trace_chunks"] = len(json.loads(trace_out.read_text())["chunks"])
+    return out
 
 
 class PrefetchWatcher(threading.Thread):
@@ -454,23 +515,53 @@ class PrefetchWatcher(threading.Thread):
             time.sleep(0.2)
 
 
-def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[str, Any]:
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs, variant: Variant) -> dict[str, Any]:
+    from turbofs import mountctl
+
     sn = node.snap
-    argv = _turbofs_argv(node, image, refs)
+    argv = _turbofs_argv(node, image, refs.traced if variant.traced else refs.turbo)
     b0 = link.rx_bytes()
+    cached0 = _meminfo_kib("Cached")
+    at: dict[str, Any] = {}
+
+    def on_ready() -> None:  # figures at the moment READY arrives
+        at["page_cache_growth_bytes"] = (_meminfo_kib("Cached") - cached0) * 1024
+        with contextlib.suppress(Exception):
+            (mp,) = sn.turbofs_mounts()
+            st = json.loads(mountctl.query(mp, "status", sn.run_dir))
+            at["daemon_cpu_s"] = round(_cpu_seconds(int(st["pid"])), 3)
+            at["fuse_requests"] = st.get("fuse_requests", {})
+            m = parse_metrics(mountctl.query(mp, "metrics", sn.run_dir))
+            at["fuse_read_bytes"] = int(m.get("turbofs_read_bytes_total", 0))
+
     t0, t0_wall = time.monotonic(), time.time()
     watcher = PrefetchWatcher(sn)
     watcher.start()
     try:
-        ready_s, lines = _timed_ready(argv, t0)
+        ready_s, lines = _timed_ready(argv, t0, on_ready)
     except BaseException:
         watcher.stop = True
         raise
     b_ready = link.rx_bytes()
     (mp,) = sn.turbofs_mounts()
-    from turbofs import mountctl
 
-    at_ready = fetch_figures(parse_metrics(mountctl.query(mp, "metrics", sn.run_dir)))
+    m_ready = parse_metrics(mountctl.query(mp, "metrics", sn.run_dir))
+    at_ready = fetch_figures(m_ready)
+    for what in ("bytes", "chunks"):
+        at_ready[f"startup_{what}"] = m_ready.get(f'turbofs_fetch_{what}_total{{kind="startup"}}', 0.0)
     status = json.loads(mountctl.query(mp, "status", sn.run_dir))
     daemon_start_after_s = round(time.time() - float(status["uptime"]) - t0_wall, 3)
     # wait for the complete background prefetch (the watcher saw when it ended)
@@ -488,40 +579,57 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs) -> dict[s
     drop_caches()
     warm_s, _ = _timed_ready(argv)
     on_demand = at_ready["demand_bytes"] + at_ready["readahead_bytes"]
-    return {"path": "turbofs", "ready_s": round(ready_s, 3), "bytes_at_ready": b_ready - b0,
+    return {"path": variant.name, "ready_s": round(ready_s, 3), "bytes_at_ready": b_ready - b0,
             "bytes_total": b_all - b0, "on_demand_bytes_at_ready": int(on_demand),
             "fetch_at_ready": at_ready, "fetch_final": final, "prefetch_state": state,
             "prefetch_s": round(prefetch_s, 3), "prefetch": status.get("prefetch", {}),
-            "mount_daemon_started_at_s": daemon_start_after_s, "mode": status.get("mode"),
+            "mount_daemon_started_at_s": daemon_start_after_s, "mode": status.get("mode"), "at_ready": at,
             **rss, "warm_s": round(warm_s, 3), "ready_line": lines[-1]}
 
 
 # --------------------------------------------------------------------------- the benchmark
 
 
-def bench_image(image: BenchImage, runs: int, link: Link, regs: tuple[RegDistribution, RegTurbofs]) -> dict[str, Any]:
+def bench_image(
+    image: BenchImage, runs: int, link: Link, regs: tuple[RegDistribution, RegTurbofs],
+    variants: Sequence[Variant], *, retrace: bool = False,
+) -> dict[str, Any]:
     from bench.images import INFO_FILE, ensure_image
 
     layout = ensure_image(image.name)
     info = json.loads((layout / INFO_FILE).read_text())
     turbo = turbo_layout(image.name, layout)
     dist, treg = regs
-    refs = Refs(f"{dist.host_port}/{image.name}:latest", f"{treg.host_port}/{image.name}:turbo")
-    log(f"{image.name}: pushing to both registries through the link")
+    refs = Refs(f"{dist.host_port}/{image.name}:latest", f"{treg.host_port}/{image.name}:turbo",
+                f"{treg.host_port}/{image.name}:traced")
+    log(f"{image.name}: copying into both registries")
     skopeo_copy(f"oci:{layout}:latest", f"docker://{refs.plain}", "--preserve-digests")
     skopeo_copy(f"oci:{turbo}:latest", f"docker://{refs.turbo}", "--preserve-digests")
     turbo_bytes = sum(f.stat().st_size for f in (turbo / "blobs").rglob("*") if f.is_file())
+    want_trace = any(v.traced for v in variants)
+    trace = trace_path(image.name, layout)
+    record = want_trace and (retrace or not trace.is_file())
     rows: list[dict[str, Any]] = []
     node = Node()
     try:
-        ws = with_app_times(working_set(node, link, image, refs))
+        ws = with_app_times(working_set(node, link, image, refs, trace if record else None))
         log(f"{image.name} working set: {ws['working_set_bytes'] / 1e6:.0f} MB "
             f"(READY after {ws['ready_s']:.2f} s without prefetch)")
+        if want_trace:
+            traced = turbo_layout(image.name, layout, trace)
+            skopeo_copy(f"oci:{traced}:latest", f"docker://{refs.traced}", "--preserve-digests")
+            ws["trace"] = {"file": str(trace), "recorded_now": record, "layout": str(traced),
+                           "chunks": len(json.loads(trace.read_text())["chunks"])}
+        paths: list[Variant | None] = [None, *variants]  # None: the standard path
         for i in range(runs):
-            order = (run_standard, run_turbofs) if i % 2 == 0 else (run_turbofs, run_standard)
-            for fn in order:
-                node.reset()
-                row = with_app_times(fn(node, link, image, refs))
+            shift = i % len(paths)
+            for v in paths[shift:] + paths[:shift]:
+                if v is None:
+                    node.reset()
+                    row = with_app_times(run_standard(node, link, image, refs))
+                else:
+                    node.reset(mode=v.mode)
+                    row = with_app_times(run_turbofs(node, link, image, refs, v))
                 row["run"] = i
                 log(f"{image.name} run {i} {row['path']}: READY after {row['ready_s']:.2f} s, "
                     f"{row['bytes_at_ready'] / 1e6:.0f} MB at READY, warm {row['warm_s']:.2f} s")
@@ -534,26 +642,48 @@ def bench_image(image: BenchImage, runs: int, link: Link, regs: tuple[RegDistrib
             "runs": rows, "summary": summarize(rows, ws["working_set_bytes"], link.rate_bps)}
 
 
+def turbo_paths(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The turbofs paths measured, in the order of :data:`VARIANTS`."""
+    present = {r["path"] for r in rows} - {"standard"}
+    return [p for p in VARIANTS if p in present] + sorted(present - set(VARIANTS))
+
+
 def summarize(rows: list[dict[str, Any]], ws: int, rate_bps: int | None) -> dict[str, Any]:
-    by = {p: [r for r in rows if r["path"] == p] for p in ("standard", "turbofs")}
+    names = ["standard", *turbo_paths(rows)]
+    by = {p: [r for r in rows if r["path"] == p] for p in names}
     out: dict[str, Any] = {}
     for path, rs in by.items():
         out[path] = {"ready_s": stats([r["ready_s"] for r in rs]), "warm_s": stats([r["warm_s"] for r in rs]),
                      "bytes_at_ready": int(statistics.median([r["bytes_at_ready"] for r in rs])),
                      "bytes_total": int(statistics.median([r["bytes_total"] for r in rs]))}
-    for path, rs in by.items():
         if all(r.get("app_s") is not None for r in rs):
             out[path]["app_s"] = stats([r["app_s"] for r in rs])
             out[path]["before_app_s"] = stats([r["before_app_s"] for r in rs])
-    t = by["turbofs"]
-    out["turbofs"].update({
-        "working_set_bytes": ws,
-        "on_demand_bytes_at_ready": int(statistics.median([r["on_demand_bytes_at_ready"] for r in t])),
-        "prefetch_s": stats([r["prefetch_s"] for r in t]),
-        "peak_rss_mib": stats([r["peak_rss_kib"] / 1024 for r in t], 1),
-    })
+    std = out["standard"]["ready_s"]["median"]
+    out["gains"] = {}
+    for path in names[1:]:
+        t = by[path]
+        out[path].update({
+            "working_set_bytes": ws,
+            "on_demand_bytes_at_ready": int(statistics.median([r["on_demand_bytes_at_ready"] for r in t])),
+            "prefetch_s": stats([r["prefetch_s"] for r in t]),
+            "peak_rss_mib": stats([r["peak_rss_kib"] / 1024 for r in t], 1),
+        })
+        at = [r.get("at_ready") or {} for r in t]
+        if all("daemon_cpu_s" in a for a in at):
+            out[path]["at_ready"] = {
+                "daemon_cpu_s": stats([a["daemon_cpu_s"] for a in at]),
+                "fuse_requests": int(statistics.median([sum(a["fuse_requests"].values()) for a in at])),
+                "fuse_read_bytes": int(statistics.median([a["fuse_read_bytes"] for a in at])),
+                "page_cache_growth_bytes": int(statistics.median([a["page_cache_growth_bytes"] for a in at])),
+            }
+        out["gains"][path] = round(std / out[path]["ready_s"]["median"], 2)
     out["lower_bound_s"] = round(out["standard"]["warm_s"]["median"] + (ws * 8 / rate_bps if rate_bps else 0.0), 3)
-    out["gain"] = round(out["standard"]["ready_s"]["median"] / out["turbofs"]["ready_s"]["median"], 2)
+    best = min(names[1:], key=lambda p: out[p]["ready_s"]["median"])
+    out["best"] = best
+    out["gain"] = out["gains"][best]
+    if "turbofs" in out:  # the figures of the earlier, two-path form
+        out["turbofs"]["gain"] = out["gains"]["turbofs"]
     return out
 
 
@@ -563,34 +693,54 @@ def _mmm(s: dict[str, float]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     rate = results["link"]["rate_bps"]
+    imgs = sorted(results["images"], key=lambda i: i["uncompressed_bytes"])
+    paths = list(dict.fromkeys(p for i in imgs for p in i["summary"]["gains"]))
     lines = [f"Link: {'unshaped veth' if rate is None else f'veth, tbf {rate / 1e9:g} Gbit/s'}; "
              f"median (min-max) of {results['runs']} runs per path.", "",
-             "| image size | standard containerd | turbofs | gain | lower bound | turbofs bytes at READY "
-             "| standard bytes | prefetch complete | daemon peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for img in sorted(results["images"], key=lambda i: i["uncompressed_bytes"]):
+             "| image size | standard containerd | " + " | ".join(paths) + " | gain | lower bound |",
+             "|---|---|" + "---|" * len(paths) + "---|---|"]
+    for img in imgs:
         s = img["summary"]
+        cells = [f"{_mmm(s[p]['ready_s'])}" if p in s else "-" for p in paths]
         lines.append(
             f"| {img['image']}: {img['uncompressed_bytes'] / 1e9:.2f} GB ({img['compressed_bytes'] / 1e9:.2f} GB gz) "
-            f"| {_mmm(s['standard']['ready_s'])} | {_mmm(s['turbofs']['ready_s'])} | {s['gain']:.1f}x "
-            f"| {s['lower_bound_s']:.1f} s | {s['turbofs']['bytes_at_ready'] / 1e6:.0f} MB "
-            f"(working set {s['turbofs']['working_set_bytes'] / 1e6:.0f} MB) "
-            f"| {s['standard']['bytes_total'] / 1e6:.0f} MB | {_mmm(s['turbofs']['prefetch_s'])} "
-            f"| {s['turbofs']['peak_rss_mib']['median']:.0f} MiB |")
+            f"| {_mmm(s['standard']['ready_s'])} | " + " | ".join(cells)
+            + f" | {s['gain']:.1f}x ({s['best']}) | {s['lower_bound_s']:.1f} s |")
+    lines += ["", "| image | path | gain | bytes at READY | prefetch complete | daemon peak RSS | at READY: "
+              "FUSE requests, bytes served, daemon CPU, page cache growth |", "|---|---|---|---|---|---|---|"]
+    for img in imgs:
+        s = img["summary"]
+        lines.append(f"| {img['image']} | standard | | {s['standard']['bytes_at_ready'] / 1e6:.0f} MB | | | |")
+        for p in paths:
+            if p not in s:
+                continue
+            t = s[p]
+            a = t.get("at_ready")
+            at = "-" if a is None else (
+                f"{a['fuse_requests']:,}, {a['fuse_read_bytes'] / 1e6:.0f} MB, {a['daemon_cpu_s']['median']:.1f} s, "
+                f"{a['page_cache_growth_bytes'] / 1e6:.0f} MB")
+            lines.append(
+                f"| {img['image']} | {p} | {s['gains'][p]:.1f}x | {t['bytes_at_ready'] / 1e6:.0f} MB "
+                f"| {_mmm(t['prefetch_s'])} | {t['peak_rss_mib']['median']:.0f} MiB | {at} |")
     lines += ["", "Where the time goes (medians; app = the seconds the app itself reports, before = pull, "
               "mount and container start):", ""]
-    for img in sorted(results["images"], key=lambda i: i["uncompressed_bytes"]):
+    for img in imgs:
         s, ws = img["summary"], img["working_set"]
-        st, tf = s["standard"], s["turbofs"]
-        if "app_s" not in st or "app_s" not in tf:
+        st = s["standard"]
+        if "app_s" not in st:
             continue
-        lines.append(
-            f"* {img['image']}: standard {st['before_app_s']['median']:.1f} s before the app "
-            f"+ {st['app_s']['median']:.1f} s app (warm start {st['warm_s']['median']:.1f} s); "
-            f"turbofs {tf['before_app_s']['median']:.1f} s + {tf['app_s']['median']:.1f} s "
-            f"(warm {tf['warm_s']['median']:.1f} s); turbofs without prefetch: READY after {ws['ready_s']:.1f} s "
-            f"({ws['fetch']['demand_fetches']:.0f} demand fetches, {ws['fetch']['demand_fetch_seconds_sum']:.1f} s "
-            f"of fetch time, {ws['working_set_bytes'] / 1e6:.0f} MB).")
+        parts = [f"standard {st['before_app_s']['median']:.1f} s before the app + {st['app_s']['median']:.1f} s app "
+                 f"(warm start {st['warm_s']['median']:.1f} s)"]
+        for p in paths:
+            t = s.get(p, {})
+            if "app_s" in t:
+                parts.append(f"{p} {t['before_app_s']['median']:.1f} s + {t['app_s']['median']:.1f} s "
+                             f"(warm {t['warm_s']['median']:.1f} s)")
+        parts.append(f"turbofs without prefetch: READY after {ws['ready_s']:.1f} s "
+                     f"({ws['fetch']['demand_fetches']:.0f} demand fetches, "
+                     f"{ws['fetch']['demand_fetch_seconds_sum']:.1f} s of fetch time, "
+                     f"{ws['working_set_bytes'] / 1e6:.0f} MB)")
+        lines.append(f"* {img['image']}: " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -602,12 +752,16 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     imgs = sorted(results["images"], key=lambda i: i["uncompressed_bytes"])
     xs = [i["uncompressed_bytes"] / 1e9 for i in imgs]
+    paths = list(dict.fromkeys(p for i in imgs for p in i["summary"]["gains"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, marker in (("standard", "containerd (ctr pull + run)", "o"), ("turbofs", "turbofs run", "s")):
-        st = [i["summary"][key]["ready_s"] for i in imgs]
-        med = [s["median"] for s in st]
-        err = [[s["median"] - s["min"] for s in st], [s["max"] - s["median"] for s in st]]
-        ax.errorbar(xs, med, yerr=err, marker=marker, capsize=4, label=label)
+    markers = "sD^v<>"
+    series = [("standard", "containerd (ctr pull + run)", "o")]
+    series += [(p, f"{p} run", markers[k % len(markers)]) for k, p in enumerate(paths)]
+    for key, label, marker in series:
+        pts = [(x, i["summary"][key]["ready_s"]) for x, i in zip(xs, imgs, strict=True) if key in i["summary"]]
+        med = [st["median"] for _, st in pts]
+        err = [[st["median"] - st["min"] for _, st in pts], [st["max"] - st["median"] for _, st in pts]]
+        ax.errorbar([x for x, _ in pts], med, yerr=err, marker=marker, capsize=4, label=label)
     ax.plot(xs, [i["summary"]["lower_bound_s"] for i in imgs], "k--", marker="x", label="lower bound")
     rate = results["link"]["rate_bps"]
     ax.set_title(f"Cold start to READY ({'unshaped' if rate is None else f'{rate / 1e9:g} Gbit/s'} link)")
@@ -648,6 +802,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rate", type=parse_rate, default=parse_rate("1gbit"), help="link rate (1gbit, 500mbit, none)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/coldstart.json")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated turbofs paths, of {', '.join(VARIANTS)}")
+    p.add_argument("--retrace", action="store_true",
+                   help="record the startup trace again (default: reuse the one recorded earlier for the image)")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--merge", type=Path, help="keep the images of this earlier results file (same link) "
                    "that this run does not measure, in the JSON, table and chart")
@@ -656,6 +814,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCH_IMAGES]
     if unknown or args.runs < 1:
         p.error(f"unknown images {unknown} (known: {', '.join(BENCH_IMAGES)})" if unknown else "--runs >= 1")
+    vnames = [n.strip() for n in args.variants.split(",") if n.strip()]
+    bad = [n for n in vnames if n not in VARIANTS]
+    if bad or not vnames:
+        p.error(f"unknown variants {bad} (known: {', '.join(VARIANTS)})")
+    variants = [VARIANTS[n] for n in vnames]
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, containerd, FUSE)")
     started = time.time()
@@ -663,7 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "cpus": os.cpu_count(), "code": code_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with bench_env(args.rate) as (link, regs, meta):
         results["link"] = meta
-        results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs) for n in names]
+        results["variants"] = vnames
+        results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs, variants, retrace=args.retrace)
+                             for n in names]
     if args.merge is not None and args.merge.is_file():
         earlier = json.loads(args.merge.read_text())
         if earlier["link"]["rate_bps"] != args.rate:

@@ -39,7 +39,7 @@ def test_parse_rate_and_summary() -> None:
           "fetch": {"demand_fetches": 7.0, "demand_fetch_seconds_sum": 1.0}}  # fmt: skip
     table = markdown({"link": {"rate_bps": 10**9}, "runs": 1, "images": [
         {"image": "x", "uncompressed_bytes": 10**9, "compressed_bytes": 4 * 10**8, "summary": s, "working_set": ws}]})
-    assert "| x: 1.00 GB (0.40 GB gz) | 10.0 s (10.0-10.0) | 4.0 s (4.0-4.0) | 2.5x | 3.0 s |" in table
+    assert "| x: 1.00 GB (0.40 GB gz) | 10.0 s (10.0-10.0) | 4.0 s (4.0-4.0) | 2.5x (turbofs) | 3.0 s |" in table
     assert "* x: standard 8.5 s before the app + 1.5 s app" in table
 
 
@@ -68,15 +68,23 @@ def test_coldstart_small_variant(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     (img,) = res["images"]
     by_path = {r["path"]: r for r in img["runs"]}
-    assert set(by_path) == {"standard", "turbofs"}
+    assert set(by_path) == {"standard", "turbofs", "turbofs+trace", "turbofs-fuse+trace"}
     for row in by_path.values():
         assert row["ready_line"].startswith("READY") and 0 < row["ready_s"] < 120 and row["warm_s"] > 0
         assert row["bytes_at_ready"] > 0
     # the standard path downloads the whole compressed image; turbofs fetches it all by the end
     assert by_path["standard"]["bytes_total"] >= img["compressed_bytes"]
-    turbo = by_path["turbofs"]
-    assert turbo["prefetch_state"] == "done" and turbo["peak_rss_kib"] > 0 and 0 < turbo["prefetch_s"] < 120
-    assert 0 < img["working_set"]["working_set_bytes"] < img["turbo_layout_bytes"]
+    for name in ("turbofs", "turbofs+trace", "turbofs-fuse+trace"):
+        turbo = by_path[name]
+        assert turbo["prefetch_state"] == "done" and turbo["peak_rss_kib"] > 0 and 0 < turbo["prefetch_s"] < 120
+        assert turbo["at_ready"]["daemon_cpu_s"] > 0 and sum(turbo["at_ready"]["fuse_requests"].values()) > 0
+    assert by_path["turbofs-fuse+trace"]["mode"] == "fuse"
+    # the traced image's mount fetched the recorded startup first
+    ws = img["working_set"]
+    assert ws["trace"]["chunks"] > 0
+    assert by_path["turbofs+trace"]["prefetch"]["startup_chunks"] == ws["trace"]["chunks"]
+    assert by_path["turbofs"]["prefetch"]["startup_chunks"] == 0
+    assert 0 < ws["working_set_bytes"] < img["turbo_layout_bytes"]
     assert res["link"]["rate_bps"] is None and "| sample: " in proc.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
     assert not Path("/run/netns/tfscold-node").exists() and not Path("/run/netns/tfscold-reg").exists()
