@@ -206,6 +206,13 @@ def test_background_prefetch_waits_for_reads_to_be_quiet(traced: Image, tmp_path
                 assert p.startup_seconds is not None
                 assert p.chunks_fetched == len(startup)
                 assert p.state is PrefetchState.PAUSED
+                # reads served from the cache (the startup's chunks, in RAM) hold it back too
+                app = index.resolve("/bin/app")
+                for k in range(5):
+                    await reader.read(app, k * 1000, 10)
+                    await trio.sleep(0.1)
+                p = prefetcher.progress()
+                assert p.chunks_fetched == len(startup) and p.state is PrefetchState.PAUSED
                 done = await prefetcher.wait_done()
             assert done.state is PrefetchState.DONE and done.chunks_done == done.chunks_total
 

@@ -85,11 +85,14 @@ DEFAULT_PREFETCH_BANDWIDTH: Final = 0  # bytes/s over the network; 0: no cap
 #: blob most of the time, so usually one range): about one average blob.
 DEFAULT_PREFETCH_BATCH_BYTES: Final = 4 * MiB
 #: The background prefetch (after a recorded startup's chunks, which go first) starts a
-#: batch only once reads have not waited on the network for this long: its batches share
-#: the link and its queue with reads, and a read queued behind them waits (measured: ~12 ms
-#: per demand fetch with the prefetch running flat out vs ~1.6 ms without; cold start of
-#: python-5g 27 s vs 8 s; bench/README.md, cold start).
-DEFAULT_PREFETCH_QUIET: Final = 0.25
+#: batch only once no read has come for this long (cached or not): its batches share the
+#: link and its queue with reads, so a read queued behind them waits (measured: ~12 ms per
+#: demand fetch with the prefetch running flat out vs ~1.6 ms without; cold start of
+#: python-5g 27 s vs 8 s), and its decompression, hashing and disk writes take CPU from the
+#: starting process (a traced python-1g start served wholly from the startup phase still
+#: took 17.7 s of app time vs 11.6 s while the rest of the image streamed in behind it, on
+#: 2 busy cores; bench/README.md, cold start).
+DEFAULT_PREFETCH_QUIET: Final = 0.5
 #: Compressed bytes per fetch of a recorded startup's chunks: they are adjacent in the
 #: blobs, and smaller batches keep them arriving in the order the startup reads them.
 DEFAULT_PREFETCH_STARTUP_BATCH_BYTES: Final = 1 * MiB
@@ -103,6 +106,17 @@ DEFAULT_PREFETCH_DISK_SHARE: Final = 0.8
 #: lookup/getattr/read of each file), or "auto": erofs where the kernel has it, else fuse.
 MOUNT_MODES: Final = ("auto", "erofs", "fuse")
 DEFAULT_MOUNT_MODE: Final = "auto"
+#: Erofs metadata generated from an index is kept in ``<cache_dir>/erofs/`` (one file per
+#: index, a few MB per 100,000 files), so a second mount of an image skips the build; least
+#: recently used files go beyond this many bytes (turbofs/erofs/cache.py).
+DEFAULT_EROFS_META_CACHE_BYTES: Final = 512 * MiB
+#: Readahead of the files of an erofs mount (its bdi's read_ahead_kb; 0: the kernel's, 128
+#: KiB). The FUSE file under it has its own (``readahead_kb`` of the mount). Measured with
+#: bench/erofs_bench.py (bench/README.md, "erofs"): see there for the figures.
+DEFAULT_EROFS_READAHEAD_KB: Final = 0
+#: Options of the erofs mount. "directio" (the image file read with O_DIRECT, so its bytes
+#: are not cached a second time under erofs's own page cache) is measured there too.
+DEFAULT_EROFS_MOUNT_OPTIONS: Final = ""
 
 #: The containerd snapshotter (``turbofs snapshotter``, TOML table ``[snapshotter]``).
 DEFAULT_SNAPSHOTTER_ADDRESS: Final = Path("/run/turbofs/snapshotter.sock")

@@ -144,6 +144,7 @@ class ChunkReader:
         self._demand_idle = trio.Event()
         self._demand_idle.set()
         self._demand_last = -float("inf")  # trio time the last read stopped waiting
+        self._read_last = -float("inf")  # trio time of the last read (cached or not)
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._paths: dict[int, str] | None = None
@@ -195,18 +196,20 @@ class ChunkReader:
         return self._demand_waiting
 
     async def wait_demand_idle(self, quiet: float = 0.0) -> None:
-        """Return once no read waits for a chunk, and none has for ``quiet`` seconds."""
+        """Return once no read waits for a chunk and no read at all (even one served from
+        a cache) has come for ``quiet`` seconds: the process using the image is not busy
+        reading it, so background work takes neither the link nor the CPU from it."""
         while True:
             while self._demand_waiting:
                 await self._demand_idle.wait()
-            left = self._demand_last + quiet - trio.current_time()
+            left = max(self._demand_last, self._read_last) + quiet - trio.current_time()
             if left <= 0:
                 return
             await trio.sleep(left)
 
     def demand_quiet(self, quiet: float) -> bool:
-        """No read waits for a chunk, and none has for ``quiet`` seconds."""
-        return not self._demand_waiting and trio.current_time() - self._demand_last >= quiet
+        """No read waits for a chunk, and no read has come for ``quiet`` seconds."""
+        return not self._demand_waiting and trio.current_time() - max(self._demand_last, self._read_last) >= quiet
 
     def path_of(self, ino: int) -> str:
         """A path of ``ino`` in the image, for messages (built on first use)."""
@@ -248,6 +251,7 @@ class ChunkReader:
         """The whole uncompressed chunk (for a reader of chunks rather than files)."""
         if chunk.id not in self._trace:
             self._trace[chunk.id] = None
+        self._read_last = trio.current_time()
         data = self.cache.get_ram(chunk)
         if data is not None:
             return data
@@ -258,6 +262,7 @@ class ChunkReader:
         datas: dict[int, bytes] = {}
         missing: dict[int, Chunk] = {}
         trace = self._trace
+        self._read_last = trio.current_time()
         for c in chunks:
             if c.id in datas or c.id in missing:
                 continue
