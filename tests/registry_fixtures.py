@@ -29,19 +29,19 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
+
+from tests import process_fixtures
 
 __all__ = [
     "REPO_ROOT",
@@ -58,7 +58,7 @@ __all__ = [
     "turbofs_registry_factory",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = process_fixtures.REPO_ROOT
 START_TIMEOUT = 30.0
 _LISTENING_RE = re.compile(r"turbofs registry listening on http://(\[[^\]]+\]|[^:\s]+):(\d+) \(storage ")
 
@@ -105,7 +105,6 @@ class RegistryProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         #: exit status of the last stop (0: it shut down cleanly on SIGTERM)
         self.returncode: int | None = None
-        self._log_file: IO[bytes] | None = None
 
     # subclasses fill these in
     def _argv(self) -> list[str]:
@@ -139,15 +138,7 @@ class RegistryProcess:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         if self.running:
             return
-        self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self._argv(),
-            cwd=REPO_ROOT,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if self.read_stdout else self._log_file,
-            stderr=self._log_file,
-        )
+        self.proc = process_fixtures.spawn(self._argv(), self.log_path, env=self._env(), capture_stdout=self.read_stdout)
         deadline = time.monotonic() + timeout
         try:
             self._await_bound(deadline)
@@ -175,19 +166,7 @@ class RegistryProcess:
         """Terminate (SIGTERM), wait, kill if it will not stop."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
-            self.returncode = proc.returncode
-            if proc.stdout is not None:
-                proc.stdout.close()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+            self.returncode = process_fixtures.stop(proc, timeout)
 
     def restart(self) -> None:
         self.stop()
@@ -239,22 +218,8 @@ class TurbofsRegistry(RegistryProcess):
         return _clean_env(self.extra_env)
 
     def _await_bound(self, deadline: float) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        out = self.proc.stdout
-        buf = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(out, selectors.EVENT_READ)
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._fail("printed no 'listening' line in time")
-                if not sel.select(left):
-                    continue
-                chunk = os.read(out.fileno(), 4096)
-                if not chunk:
-                    raise self._fail(f"exited while starting (stdout: {buf!r})")
-                buf += chunk
-        self.banner = buf.decode(errors="replace").splitlines()[0]
+        assert self.proc is not None
+        self.banner = process_fixtures.first_line(self.proc, deadline, self.name, self.log_path)
         m = _LISTENING_RE.search(self.banner)
         if m is None:
             raise self._fail(f"unexpected first line {self.banner!r}")

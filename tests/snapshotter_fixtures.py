@@ -20,6 +20,7 @@ Both skip, with the reason, unless we are root with /dev/fuse, containerd and ct
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,15 +32,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from tests import process_fixtures
 from tests.containerd_fixtures import Containerd, ContainerdFactory, require_containerd
 
 __all__ = [
     "CriContainerd",
     "SnapshotterProcess",
+    "derived_layout",
     "proxy_plugin_toml",
     "snapshotter_containerd",
     "turbofs_snapshotter",
@@ -55,13 +59,35 @@ def proxy_plugin_toml(address: Path | str, name: str = "turbofs") -> str:
     return f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = {json.dumps(str(address))}\n'
 
 
-def cri_toml(snapshotter: str = "turbofs", plain_http_registries: tuple[str, ...] = ()) -> str:
-    """containerd's CRI plugin set up for a remote snapshotter (what a Kubernetes node needs)."""
-    text = (
+def _has_cap_sys_resource() -> bool:
+    """Whether we hold CAP_SYS_RESOURCE (24), which lowering an OOM score adjustment needs; some
+    container sandboxes drop it even for root."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+def cri_toml(snapshotter: str = "turbofs", plain_http_registries: tuple[str, ...] = (), *,
+             sandbox_image: str | None = None, cni_dir: Path | None = None) -> str:
+    """containerd's CRI plugin set up for a remote snapshotter (what a Kubernetes node needs);
+    ``sandbox_image`` replaces the pause image (pulled from the internet otherwise), ``cni_dir``
+    the node's CNI folders (for host-network pods, which need no CNI, an empty folder)."""
+    text = '[plugins."io.containerd.grpc.v1.cri"]\n'
+    if sandbox_image is not None:
+        text += f"  sandbox_image = {json.dumps(sandbox_image)}\n"
+    if not _has_cap_sys_resource():
+        # the pause container asks for oom_score_adj -998, which needs CAP_SYS_RESOURCE (runc's
+        # child dies, "can't get final child's PID from pipe: EOF"): keep it at containerd's own
+        text += "  restrict_oom_score_adj = true\n"
+    text += (
         '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
         f"  snapshotter = {json.dumps(snapshotter)}\n"
         "  disable_snapshot_annotations = false\n"
     )
+    if cni_dir is not None:
+        text += (f'[plugins."io.containerd.grpc.v1.cri".cni]\n  bin_dir = {json.dumps(str(cni_dir / "bin"))}\n'
+                 f'  conf_dir = {json.dumps(str(cni_dir / "net.d"))}\n')
     for reg in plain_http_registries:
         text += (f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors.{json.dumps(reg)}]\n'
                  f'  endpoint = [{json.dumps("http://" + reg)}]\n')
@@ -77,6 +103,45 @@ class CriContainerd(Containerd):
         cri = '"io.containerd.grpc.v1.cri", '
         assert cri in text
         return text.replace(cri, "", 1)
+
+
+def derived_layout(base: Path, keep: int, entries: list[Any], dest: Path, config: dict[str, Any] | None = None) -> Path:
+    """A plain OCI layout: the first ``keep`` layers of layout ``base`` (same blobs, so the same
+    chain IDs) plus one gzip layer made of ``entries`` (:class:`tests.ocifixtures.TarEntry`);
+    ``config`` updates the image config's ``config`` (Entrypoint, Cmd...)."""
+    import gzip
+
+    from tests.ocifixtures import layer_tar_bytes
+
+    def blob(digest: str) -> Path:
+        return base / "blobs" / "sha256" / digest.split(":", 1)[1]
+
+    def put(data: bytes) -> tuple[str, int]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (dest / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+        return digest, len(data)
+
+    (dest / "blobs" / "sha256").mkdir(parents=True)
+    manifest = json.loads(blob(json.loads((base / "index.json").read_text())["manifests"][0]["digest"]).read_bytes())
+    image_config = json.loads(blob(manifest["config"]["digest"]).read_bytes())
+    image_config["config"].update(config or {})
+    layers = manifest["layers"][:keep]
+    for layer in layers:
+        shutil.copyfile(blob(layer["digest"]), dest / "blobs" / "sha256" / layer["digest"][7:])
+    tar = layer_tar_bytes(entries)
+    digest, size = put(gzip.compress(tar, mtime=0))
+    layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
+    image_config["rootfs"]["diff_ids"] = [*image_config["rootfs"]["diff_ids"][:keep], "sha256:" + hashlib.sha256(tar).hexdigest()]
+    image_config.pop("history", None)
+    cdigest, csize = put(json.dumps(image_config).encode())
+    manifest.update(config={"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest, "size": csize},
+                    layers=layers)
+    mdigest, msize = put(json.dumps(manifest).encode())
+    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": msize,
+         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    return dest
 
 
 def _mountinfo_points() -> list[str]:
@@ -123,50 +188,27 @@ class SnapshotterProcess:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         if self.running:
             return
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "turbofs.cli", "--config", str(self.config_path), "snapshotter"],
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = b""
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        while b"\n" not in line:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the snapshotter exited while starting:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the snapshotter did not start in {timeout:.0f} s:\n{self.log()[-3000:]}")
-            with contextlib.suppress(BlockingIOError, TypeError):
-                line += self.proc.stdout.read(4096) or b""
-            time.sleep(0.02)
-        if not _LISTENING.search(line.decode(errors="replace")):
+        argv = [sys.executable, "-m", "turbofs.cli", "--config", str(self.config_path), "snapshotter"]
+        self.proc = process_fixtures.spawn(argv, self.log_path, capture_stdout=True)
+        try:
+            line = process_fixtures.first_line(self.proc, time.monotonic() + timeout, "the snapshotter", self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+        if not _LISTENING.search(line):
             raise RuntimeError(f"unexpected first line of the snapshotter: {line!r}")
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait (the image mounts stay: they are separate processes)."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            process_fixtures.stop(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            process_fixtures.kill(proc)
 
     def restart(self) -> None:
         self.stop()
@@ -193,11 +235,11 @@ class SnapshotterProcess:
     def cleanup(self) -> None:
         """Stop it, unmount every mount under its folder, kill its daemons, remove it."""
         self.stop()
-        from turbofs.node import daemon
+        from turbofs import mountctl
 
         for mp in self.turbofs_mounts():
             with contextlib.suppress(Exception):
-                daemon.unmount(mp, self.run_dir, timeout=10)
+                mountctl.unmount(mp, self.run_dir, timeout=10)
         for _ in range(3):
             points = sorted((p for p in _mountinfo_points() if p.startswith(str(self.base) + "/")),
                             key=lambda p: p.count("/"), reverse=True)

@@ -23,6 +23,7 @@ and the Debian-based ``sample`` image (``bench.images``) converted to a turbo im
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.server
 import json
@@ -31,6 +32,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -48,14 +50,14 @@ from google.protobuf.message import Message
 
 from tests.containerd_fixtures import Containerd, require_containerd, unique_namespace
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
-from tests.snapshotter_fixtures import SnapshotterProcess
+from tests.snapshotter_fixtures import SnapshotterProcess, derived_layout
 from turbofs.errors import NotFound, UsageError
 from turbofs.proto import CRI_IMAGES, SNAPSHOTS, cri_pb2, unary, unary_stream
 from turbofs.proto import snapshots_pb2 as pb
 from turbofs.registry_client import Reference
 from turbofs.snapshotter import filters
 from turbofs.snapshotter import labels as L
-from turbofs.snapshotter.core import Snapshotter, remote_name
+from turbofs.snapshotter.core import Snapshotter, Usage, remote_name
 from turbofs.snapshotter.errors import AlreadyExists, FailedPrecondition
 from turbofs.snapshotter.remote import Resolver, TurboImage, fetch_image
 
@@ -135,9 +137,13 @@ class FakeResolver(Resolver):
     def for_cri(self, ref: str, manifest_digest: str) -> TurboImage | None:
         return self.images.get(manifest_digest)
 
+    def presented(self, pinned: str, manifest_digest: str) -> tuple[int, int]:
+        return 1000 + len(self.images[manifest_digest].diff_ids), 7
+
 
 def _pull(sn: Snapshotter, img: TurboImage, ns: str) -> str:
-    """What ``turbofs pull`` makes containerd do; the backend name of the top."""
+    """What containerd's unpacker makes of an image whose layers carry labels naming a turbo
+    image (each layer in turn, on the one below); the backend name of the top."""
     parent = ""
     for i, chain_id in enumerate(img.chain):
         labels = {L.TARGET: chain_id, L.IMAGE_REF: str(img.reference), L.MANIFEST: img.manifest_digest}
@@ -156,6 +162,15 @@ def test_core_remote_and_local_snapshots(tmp_path: Path) -> None:
     assert mounter.calls == [f"mount {img.pinned}"]  # one mount, at the first layer
     assert _pull(sn, img, "b") == top  # a second namespace shares the snapshots
     assert [s.remote for s in sn.walk([])] == ["top", "placeholder", "placeholder"]  # placeholders last
+    assert (sn.usage(top).size, sn.usage(top).inodes) == (1003, 7)  # what the image presents
+    assert sn.usage(remote_name(img.chain[0], "")) == Usage(0, 0)  # a placeholder presents nothing
+    # what turbofs pull does: the top alone, without a parent
+    with pytest.raises(AlreadyExists):
+        sn.prepare("e/1/extract", "", {L.TARGET: img.top, L.IMAGE_REF: str(img.reference), L.MANIFEST: img.manifest_digest})
+    alone = sn.stat(remote_name(img.top, ""))
+    assert (alone.remote, alone.parent, alone.image) == ("top", "", img.manifest_digest)
+    sn.remove(alone.name)
+    assert mounter.mounted  # the chain above still holds the mount
 
     # a container: an overlay over the image mount, its own upper directory
     (m,) = sn.prepare("a/9/c1", top, {})
@@ -548,6 +563,108 @@ def test_plain_image_through_the_same_snapshotter(
     assert sn.turbofs_mounts() == mounts_before  # no lazy mount for a plain image
     c.ctr("images", "rm", "--sync", images.plain_ref, namespace=ns)
     _wait_for(lambda: not snaps.list(f'name~="^{ns}/"'), "the plain image's snapshots to go")
+
+
+def _all_gone(snaps: Snapshots, sn: SnapshotterProcess, ns: str) -> bool:
+    return not snaps.list(f'name~="^{ns}/"') and not sn.turbofs_mounts()
+
+
+def test_plain_image_sharing_base_layers_with_a_turbo_image(
+    images: Images, turbofs_snapshotter: SnapshotterProcess, snapshotter_containerd: Containerd, tmp_path: Path
+) -> None:
+    """One namespace, a turbo image pulled lazily, then a plain image made of the same base
+    layers plus one of its own: the plain image unpacks and runs (its shared base layers are
+    real layers, not parts of the flattened turbo image), and the turbo image still runs lazily.
+    Then the other order, in a fresh namespace."""
+    from bench.images import image_path
+    from tests.ocifixtures import TarEntry
+
+    c, sn = snapshotter_containerd, turbofs_snapshotter
+    reg = images.registry.host_port
+    marker = secrets.token_hex(8)
+    layout = derived_layout(image_path("sample"), 2, [
+        TarEntry("other", "dir", mode=0o755), TarEntry("other/marker", data=f"{marker}\n".encode())], tmp_path / "plain")
+    plain = f"{reg}/shares-base:latest"
+    skopeo_copy(f"oci:{layout}:latest", f"docker://{plain}", "--preserve-digests")
+    check = "cat /other/marker; cat /app/VERSION; test ! -e /etc/motd || echo motd-there"
+    snaps = Snapshots(sn.channel())
+    for ns, order in ((unique_namespace("shared-a"), ("turbo", "plain")), (unique_namespace("shared-b"), ("plain", "turbo"))):
+        for what in order:
+            if what == "turbo":
+                _cli("pull", *_where(c, ns), images.turbo_ref)
+            else:
+                c.ctr("images", "pull", "--plain-http", "--snapshotter", "turbofs", plain, namespace=ns, timeout=300)
+        # the plain image: the base layers as they are (1.0.0, /etc/motd), plus its own layer
+        out = c.ctr("run", "--rm", "--snapshotter", "turbofs", plain, "p", "sh", "-c", check, namespace=ns).stdout
+        assert out.split() == [marker, "1.0.0", "motd-there"], out
+        out = _cli("run", "--rm", *_where(c, ns), "--entrypoint", "sh", images.turbo_ref, "--", "-c", check).stdout
+        assert out.split()[-1:] == ["1.1.0"] and marker not in out, out
+        local = snaps.list(f'name~="^{ns}/",kind==committed')
+        assert len(local) == 3 and all(L.REMOTE not in i.labels for i in local)  # the plain image's 3 layers
+        assert len(sn.turbofs_mounts()) == 1
+        c.ctr("images", "rm", "--sync", plain, images.turbo_ref, namespace=ns)
+        _wait_for(functools.partial(_all_gone, snaps, sn, ns), "the snapshots to go")
+
+
+def _usage(c: Containerd, snapshotter: str, ns: str, *keys: str) -> dict[str, tuple[int, int]]:
+    """``ctr snapshots --snapshotter S usage -b KEYS``: {key: (bytes, inodes)}."""
+    out = c.ctr("snapshots", "--snapshotter", snapshotter, "usage", "-b", *keys, namespace=ns).stdout
+    rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    return {key: (int(size), int(inodes)) for key, size, inodes in rows}
+
+
+def _presented(top: Path) -> tuple[int, int]:
+    """(apparent bytes of regular files, inodes) under ``top``, each inode once (stat only:
+    nothing is read, so a lazy mount fetches nothing)."""
+    seen: set[int] = set()
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for path in (dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))):
+            st = os.lstat(path)
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return size, len(seen)
+
+
+def test_usage_through_containerd(
+    images: Images, turbofs_snapshotter: SnapshotterProcess, snapshotter_containerd: Containerd
+) -> None:
+    """``ctr snapshots usage`` of every kind of turbofs snapshot: a turbo image's top gives what
+    the image presents (its index: file bytes, inodes), the same as a walk of its mount; an
+    unpacked layer and a container's snapshot give what containerd's own overlayfs snapshotter
+    gives for the same layer and the same container writes."""
+    c, sn = snapshotter_containerd, turbofs_snapshotter
+    ns = unique_namespace("usage")
+    _cli("pull", *_where(c, ns), images.turbo_ref)
+    (mp,) = sn.turbofs_mounts()
+    walked = _presented(mp)
+    assert walked[0] > 50 << 20 and walked[1] > 1000
+    assert _usage(c, "turbofs", ns, images.turbo.top) == {images.turbo.top: walked}
+    assert _usage(c, "turbofs", ns)[images.turbo.top] == walked  # the same from a listing (Walk + Usage)
+
+    # the plain image through both snapshotters, and one container on each writing the same
+    plain_ns = unique_namespace("usage-plain")
+    script = "head -c 1234567 /dev/zero > /big && mkdir -p /d/e && echo x > /d/e/f && ln /big /big2 && sleep 300"
+    for snapshotter in ("turbofs", "overlayfs"):
+        c.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, images.plain_ref, namespace=plain_ns,
+              timeout=300)
+        c.ctr("run", "--detach", "--snapshotter", snapshotter, images.plain_ref, f"u-{snapshotter}", "sh", "-c", script,
+              namespace=plain_ns)
+    layers = [*images.turbo.chain]  # the plain image has the same config, so the same chain IDs
+    ours, theirs = _usage(c, "turbofs", plain_ns, *layers), _usage(c, "overlayfs", plain_ns, *layers)
+    assert ours == theirs and all(size > 0 and inodes > 0 for size, inodes in ours.values())
+    def written(snapshotter: str) -> bool:
+        return _usage(c, snapshotter, plain_ns, f"u-{snapshotter}")[f"u-{snapshotter}"][0] >= 1234567
+
+    _wait_for(lambda: written("turbofs") and written("overlayfs"), "the files to be written")
+    ours_c, theirs_c = _usage(c, "turbofs", plain_ns, "u-turbofs")["u-turbofs"], _usage(c, "overlayfs", plain_ns, "u-overlayfs")["u-overlayfs"]
+    assert ours_c == theirs_c and ours_c[1] >= 5, (ours_c, theirs_c)  # upper root, /big (two names), /d, /d/e, /d/e/f
+    for snapshotter in ("turbofs", "overlayfs"):
+        _kill_container(c, f"u-{snapshotter}", plain_ns)
+    c.ctr("images", "rm", "--sync", images.plain_ref, namespace=plain_ns)
+    c.ctr("images", "rm", "--sync", images.turbo_ref, namespace=ns)
+    _wait_for(lambda: not sn.turbofs_mounts(), "the image mount to be released")
 
 
 def test_cri_labels_mount_the_turbo_twin(images: Images, turbofs_snapshotter: SnapshotterProcess) -> None:

@@ -8,10 +8,18 @@
    unpacker would set: the manifest references its config, the config references the top
    snapshot (``containerd.io/gc.ref.snapshot.<snapshotter>``);
 3. create or update the image record (Images service);
-4. for each layer, Prepare through containerd's Snapshots service a snapshot with the
-   ``containerd.io/snapshot.ref`` label set to the layer's chain ID and the turbofs labels
-   naming the image and its manifest; the turbofs snapshotter answers ALREADY_EXISTS, which
-   tells containerd the layer is there (the top mounted lazily, the ones below placeholders).
+4. Prepare through containerd's Snapshots service, with no parent, a snapshot with the
+   ``containerd.io/snapshot.ref`` label set to the image's *top* chain ID and the turbofs
+   labels naming the image and its manifest; the turbofs snapshotter mounts the image and
+   answers ALREADY_EXISTS, which tells containerd the top snapshot is there.
+
+Only the top: containerd needs no more to run the image (a container's snapshot has the top
+chain ID as its parent, and ``Stat`` of it is how containerd decides an image is unpacked),
+and the chain IDs below it must stay free for plain images. A turbo image is flattened: no
+layer below its top can be shown on its own. Had ``pull`` recorded those chain IDs too, a
+plain image sharing base layers with the turbo image, pulled later into the same namespace,
+would find them (containerd's unpacker skips every layer whose chain ID it finds) and stack
+its own layers on snapshots without files.
 
 Afterwards ``ctr run --snapshotter turbofs IMAGE`` finds the image unpacked. ``run`` does that,
 with the image's entrypoint and command as ``ctr run``'s arguments (which replace them).
@@ -301,13 +309,10 @@ def pull(
         ctrd.put_image(name, img.media_type, img.manifest_digest, len(img.manifest))
         t2 = time.monotonic()
         labels = {L.IMAGE_REF: str(img.reference), L.MANIFEST: img.manifest_digest}
-        parent = ""
-        for chain_id in img.chain:
-            if ctrd.snapshot(chain_id) is not None:
-                already += 1
-            else:
-                ctrd.prepare_remote(chain_id, parent, labels)
-            parent = chain_id
+        if ctrd.snapshot(img.top) is not None:  # pulled before, or unpacked from the plain image
+            already = 1
+        else:
+            ctrd.prepare_remote(img.top, "", labels)
     t3 = time.monotonic()
     return PullResult(name, img, t3 - t0, len(img.chain), already,
                       {"registry": t1 - t0, "content": t2 - t1, "snapshots": t3 - t2})

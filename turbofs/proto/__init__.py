@@ -23,8 +23,9 @@ SNAPSHOTS: Final = "containerd.services.snapshots.v1.Snapshots"
 CONTENT: Final = "containerd.services.content.v1.Content"
 IMAGES: Final = "containerd.services.images.v1.Images"
 LEASES: Final = "containerd.services.leases.v1.Leases"
-#: The Kubernetes CRI image service (containerd's CRI plugin serves it on its socket).
+#: The Kubernetes CRI v1 services (containerd's CRI plugin serves them on its socket).
 CRI_IMAGES: Final = "runtime.v1.ImageService"
+CRI_RUNTIME: Final = "runtime.v1.RuntimeService"
 
 #: gRPC metadata keys containerd reads.
 NAMESPACE_HEADER: Final = "containerd-namespace"
@@ -60,6 +61,7 @@ def unix_target(address: str) -> str:
 __all__ = [
     "CONTENT",
     "CRI_IMAGES",
+    "CRI_RUNTIME",
     "IMAGES",
     "LEASES",
     "LEASE_HEADER",

@@ -15,13 +15,16 @@ Two kinds of snapshots live side by side:
   answered ALREADY_EXISTS after recording a committed snapshot for the target: containerd
   then skips the unpack of that layer. The image's **top** chain ID is a real snapshot: its
   files are the turbofs mount of the image (one per manifest, shared by all its snapshots and
-  containers, kept while any snapshot of the image exists). The chain IDs below it are
-  **placeholders**: containerd's metadata wants the whole chain, but a turbo image is
+  containers, kept while any snapshot of the image exists). ``turbofs pull`` prepares the top
+  alone, without a parent, so it leaves the chain IDs below it free: a plain image sharing
+  base layers with the turbo image unpacks them as real layers, in the same namespace.
+  containerd's own unpacker (the CRI plugin) prepares every layer in turn, each on the one
+  below; the chain IDs below the top then become **placeholders**: a turbo image is
   flattened, so no layer below the top can be shown on its own. Mounting a placeholder, or
-  preparing a snapshot on it (a plain image sharing base layers with a turbo image, in the
-  same containerd namespace), fails with FAILED_PRECONDITION naming the image; that plain
-  image unpacks fine in another namespace (placeholders are never offered in place of real
-  layers).
+  preparing a snapshot on it, fails with FAILED_PRECONDITION naming the image: that happens
+  when, in the CRI's namespace, a plain image sharing base layers with a lazily pulled one
+  is pulled after it (placeholders are never offered in place of real layers; pulled
+  *before* it, the plain image's layers are real and the turbo image stands on them).
 
 A container of a turbo image is an active snapshot whose parent is the top: an overlay with
 its own upper directory over the turbofs mount; what the container writes lands in
@@ -382,9 +385,35 @@ class Snapshotter:
         return snap
 
     def usage(self, key: str) -> Usage:
+        """What a snapshot holds, as containerd's overlayfs snapshotter counts it where the
+        kinds are the same, and what a turbo image presents where they are not:
+
+        * active (a container, an unpack in progress): the blocks and inodes of its own upper
+          directory, now (each hardlinked inode once);
+        * committed local (an unpacked layer): the same, counted at commit;
+        * view: 0 (it has no directory of its own; containerd's overlayfs says 0 too);
+        * the top of a turbo image: what the image presents, from its index -- the apparent
+          bytes of its regular files and its number of inodes. Not the node's disk: the files
+          are fetched lazily into the chunk cache, which is shared by all images and bounded
+          on its own (``turbofs status``); but the figure containerd's users expect from a
+          committed snapshot is the size of the file system it shows, and this is it, the
+          same on every node and before any byte is fetched. Read from the registry once
+          (the index blob, verified) and kept in the snapshot's record;
+        * a placeholder below a turbo image's top: 0, it presents no files of its own (the
+          whole image is counted at the top).
+        """
         snap = self._get(key)
+        if snap.remote == L.REMOTE_TOP:
+            if snap.inodes == 0:
+                assert snap.image is not None
+                pinned = snap.labels.get(L.REMOTE_IMAGE)
+                if not pinned:
+                    raise FailedPrecondition(f"snapshot {key} names no turbo image (label {L.REMOTE_IMAGE})")
+                snap.size, snap.inodes = self.resolver.presented(pinned, snap.image)
+                self.store.set_usage(snap.id, snap.size, snap.inodes)
+            return Usage(snap.size, snap.inodes)
         if snap.remote is not None:
-            return Usage(0, 0)  # the image's data lives in the node's chunk cache
+            return Usage(0, 0)
         if snap.kind == ACTIVE:
             return disk_usage(self._dir(snap) / "fs")
         return Usage(snap.size, snap.inodes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +28,7 @@ import anyio
 
 from turbofs import oci
 from turbofs.errors import FormatError, NotFound, TurboError, UsageError
-from turbofs.image import is_turbo_manifest, parse_manifest
+from turbofs.image import is_turbo_manifest, load_index, parse_manifest
 from turbofs.registry_client import Reference, RegistryClient
 from turbofs.snapshotter.labels import chain_ids
 
@@ -158,6 +159,25 @@ def fetch_image(
     return _run(go)
 
 
+def presented(img: TurboImage, *, retries: int = 2, timeout: float = 60.0) -> tuple[int, int]:
+    """What the turbo image ``img`` presents once mounted, from its index (fetched from the
+    registry and verified): (bytes, inodes) -- the apparent size of its regular files, each
+    inode once (hardlinks share an inode in the index), and its number of inodes. Blocking."""
+    manifest = parse_manifest(img.manifest, img.manifest_digest)
+
+    async def go() -> bytes:
+        async with _client(img.reference, img.scheme, retries, timeout) as client:
+            return await client.get_blob(img.reference.repository, manifest.index.digest, max_size=manifest.index.size)
+
+    index = load_index(manifest, _run(go))
+    size = 0
+    for ino in range(index.n_inodes):
+        node = index.inode(ino)
+        if stat.S_ISREG(node.mode):
+            size += node.size
+    return size, index.n_inodes
+
+
 class Resolver:
     """Turbo images by reference, for the snapshotter: cached, with the CRI twin rule."""
 
@@ -204,6 +224,11 @@ class Resolver:
                           retries=self.retries, timeout=self.timeout)
         self._remember(key, img)
         return img
+
+    def presented(self, pinned: str, manifest_digest: str) -> tuple[int, int]:
+        """(bytes, inodes) the turbo image ``pinned`` (``REGISTRY/REPO@DIGEST``) presents: see
+        :func:`presented`."""
+        return presented(self.turbo(pinned, manifest_digest), retries=self.retries, timeout=self.timeout)
 
     def for_cri(self, ref: str, manifest_digest: str) -> TurboImage | None:
         """The turbo image to mount for the plain or turbo image CRI pulls, or None."""
@@ -256,4 +281,4 @@ class Resolver:
         return img
 
 
-__all__ = ["Resolver", "TurboImage", "fetch_image"]
+__all__ = ["Resolver", "TurboImage", "fetch_image", "presented"]

@@ -170,6 +170,11 @@ class Store:
              snap.inodes, snap.remote, snap.image, snap.id),
         )
 
+    def set_usage(self, snap_id: int, size: int, inodes: int) -> None:
+        """Record a snapshot's usage (nothing else of the row changes)."""
+        with self.transaction() as db:
+            db.execute("UPDATE snapshots SET size=?, inodes=? WHERE id=?", (size, inodes, snap_id))
+
     @staticmethod
     def delete_row(db: sqlite3.Connection, snap_id: int) -> None:
         db.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
