@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from index_builder.builder import build
+from tests.ocifixtures import TarEntry, write_oci_layout
+from turbofs.config import BuildConfig
+from turbofs.image import LayoutImage, open_layout_image
 
 
 class Mounter:
@@ -70,3 +77,48 @@ def mounter(tmp_path: Path) -> Iterator[Mounter]:
         yield m
     finally:
         m.cleanup()
+
+
+# -- shared by the per-file and erofs mount tests
+
+
+def build_layout(base: Path, layers: list[list[TarEntry]], chunk_size: int) -> LayoutImage:
+    """A turbo image (OCI layout at ``base/turbo``) built from tar layers."""
+    src = write_oci_layout(base / "src", layers)
+    build(f"oci:{src.layout}:latest", base / "turbo", BuildConfig(chunk_size=chunk_size), progress=False)
+    return open_layout_image(base / "turbo")
+
+
+def assert_read_only(mp: Path, existing: str | None = None) -> None:
+    """The mount says it is read-only, and creating (or writing ``existing``) fails so."""
+    assert os.statvfs(mp).f_flag & os.ST_RDONLY
+    with pytest.raises(OSError) as exc:
+        (mp / "new-file").write_text("x")
+    assert exc.value.errno == errno.EROFS
+    if existing is not None:
+        with pytest.raises(OSError) as exc:
+            (mp / existing).write_text("x")
+        assert exc.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def wait_unmounted(mp: Path, timeout: float = 10.0, what: str = "the mount did not go away") -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(mp):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def foreground_mount(argv: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+    """``argv`` (a ``turbofs mount --foreground`` command line) run until it says "ready";
+    yields the process, and kills it on the way out if it is still running."""
+    proc = subprocess.Popen(list(argv), stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "ready" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)

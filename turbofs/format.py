@@ -611,6 +611,133 @@ class Index:
             if c >= self.n_chunks:
                 raise _fmt_err(f"startup section names chunk {c} out of range")
 
+    # -- bulk reader API: whole tables in one pass, for a presentation that needs every entry
+    # at once (the erofs writer builds the whole tree at mount time). Each checks, for all
+    # entries together, what the accessors above check one at a time, and raises
+    # FormatError at the first problem. Columns come from the tables by strided views of
+    # the payload (no per-record unpacking) where the machine is little endian.
+
+    def _table_columns(self, table: memoryview, words: Sequence[int], wide: Sequence[int], record: int,
+                       *, native: bool | None = None) -> list[list[int]]:
+        """Columns of a table: the u32 fields at ``words`` (u32 indexes in a record), then
+        the i64/u64 fields at ``wide`` (u64 indexes; ``-k - 1`` for a signed one at ``k``).
+        ``native``: read through typed views (default: where the machine is little endian)."""
+        if native is None:
+            native = struct.pack("=I", 1) == struct.pack("<I", 1) and struct.calcsize("I") * 2 == struct.calcsize("Q") == 8
+        if native:
+            w = table.cast("I")
+            out = [w[k :: record // 4].tolist() for k in words]
+            if wide:
+                q, u = table.cast("q"), table.cast("Q")
+                out += [(q[-k - 1 :: record // 8] if k < 0 else u[k :: record // 8]).tolist() for k in wide]
+            return out
+        fmt = "<" + "I" * (record // 4)  # a big-endian machine: unpack, then pick the fields
+        rows = [struct.unpack_from(fmt, table, off) for off in range(0, len(table), record)]
+        out = [[r[k] for r in rows] for k in words]
+        for k in wide:
+            col = [r[2 * (-k - 1 if k < 0 else k)] | r[2 * (-k - 1 if k < 0 else k) + 1] << 32 for r in rows]
+            out.append([v - (1 << 64) if k < 0 and v >> 63 else v for v in col])
+        return out
+
+    def inode_columns(self) -> dict[str, list[int]]:
+        """Every field of every inode, one list per field, indexed by inode number: ``mode,
+        uid, gid, nlink, mtime_sec, mtime_nsec, xattr_start, xattr_count, parent, size, a,
+        b`` (docs/format.md; ``a, b`` name a directory's dirents, a file's refs, a symlink
+        target in the heap, or a device's major and minor).
+
+        Checked as :meth:`inode`, :meth:`xattrs`, :meth:`listdir`, :meth:`file_refs` and
+        :meth:`readlink` check one inode (known type, nanoseconds, parent, and every range
+        the record names), so slices of :meth:`dirent_columns`, :meth:`ref_columns` and
+        :meth:`xattr_records` taken with these fields are in range.
+        """
+        names = ("mode", "uid", "gid", "nlink", "mtime_nsec", "xattr_start", "xattr_count", "parent", "a", "b",
+                 "mtime_sec", "size")
+        cols = dict(zip(names, self._table_columns(self._inodes, (0, 1, 2, 3, 6, 7, 8, 9, 12, 13), (-3, 5),
+                                                   _INODE.size), strict=True))
+        n = self.n_inodes
+        modes, nsecs, parents = cols["mode"], cols["mtime_nsec"], cols["parent"]
+        xstarts, xcounts = cols["xattr_start"], cols["xattr_count"]
+        if not _KNOWN_TYPES.issuperset(map(stat.S_IFMT, modes)):
+            ino = next(i for i, m in enumerate(modes) if stat.S_IFMT(m) not in _KNOWN_TYPES)
+            raise _fmt_err(f"inode {ino} has unknown type {stat.S_IFMT(modes[ino]):#o}")
+        if max(nsecs) >= 1_000_000_000:
+            ino = next(i for i, ns in enumerate(nsecs) if ns >= 1_000_000_000)
+            raise _fmt_err(f"inode {ino} has {nsecs[ino]} nanoseconds")
+        if max(parents) >= n:
+            ino = next(i for i, p in enumerate(parents) if p >= n)
+            raise _fmt_err(f"inode {ino} has parent {parents[ino]} out of range")
+        n_xattrs = len(self._xattrs) // _XATTR.size
+        if max(map(int.__add__, xstarts, xcounts)) > n_xattrs:
+            ino = next(i for i in range(n) if xstarts[i] + xcounts[i] > n_xattrs)
+            raise _fmt_err(f"inode {ino} xattrs [{xstarts[ino]}, +{xcounts[ino]}) out of range")
+        n_heap = len(self._heap)
+        log2 = self.chunk_size.bit_length() - 1
+        up = self.chunk_size - 1
+        for ino, (mode, size, a, b) in enumerate(zip(modes, cols["size"], cols["a"], cols["b"], strict=True)):
+            kind = mode & 0o170000
+            if kind == stat.S_IFREG:
+                if a + b > self.n_refs or b != (size + up) >> log2:
+                    raise _fmt_err(f"file {ino} of {size} bytes has a bad chunk map [{a}, +{b})")
+            elif kind == stat.S_IFDIR:
+                if a + b > self.n_dirents:
+                    raise _fmt_err(f"directory {ino} entries [{a}, +{b}) out of range")
+            elif kind == stat.S_IFLNK and a + b > n_heap:
+                raise _fmt_err(f"symlink {ino} target [{a}, +{b}) past the heap end")
+        return cols
+
+    def dirent_columns(self) -> tuple[list[bytes], list[int]]:
+        """Every directory entry's name and inode, in table order: a directory's entries
+        (sorted by name) are ``[a, a + b)`` of its inode. Inodes and names are checked to be
+        in range."""
+        offs, inos, lens = self._table_columns(self._dirents, (0, 1, 2), (), _DIRENT.size)
+        lens = list(map((0xFFFF).__and__, lens))  # u16 name length, then two zero bytes
+        ends = list(map(int.__add__, offs, lens))
+        heap = self._heap
+        if inos and max(inos) >= self.n_inodes:
+            i = next(i for i, ino in enumerate(inos) if ino >= self.n_inodes)
+            raise _fmt_err(f"directory entry {i} names inode {inos[i]} out of range")
+        if ends and max(ends) > len(heap):
+            i = next(i for i, end in enumerate(ends) if end > len(heap))
+            raise _fmt_err(f"directory entry {i}: name [{offs[i]}, +{lens[i]}) past the heap end")
+        return list(map(heap.__getitem__, map(slice, offs, ends))), inos
+
+    def ref_columns(self) -> tuple[list[int], list[int]]:
+        """Every ref's chunk id and offset, in table order: a file's pieces are ``[a, a + b)``
+        of its inode. Chunk ids are checked to be in range (or :data:`HOLE`); whether a
+        piece fits its chunk is for the user to check, as :meth:`map_range` does."""
+        cids, offs = self._table_columns(self._refs, (0, 1), (), _REF.size)
+        real = [c for c in cids if c != HOLE]
+        if real and max(real) >= self.n_chunks:
+            i = next(i for i, c in enumerate(cids) if c != HOLE and c >= self.n_chunks)
+            raise _fmt_err(f"ref {i} names chunk {cids[i]} out of range (0..{self.n_chunks - 1})")
+        return cids, offs
+
+    def xattr_records(self) -> list[tuple[bytes, bytes]]:
+        """Every xattr as ``(name, value)``, in table order: an inode's (sorted by name) are
+        ``[xattr_start, xattr_start + xattr_count)`` of its inode."""
+        raw: list[tuple[int, int, int, int]] = list(_XATTR.iter_unpack(self._xattrs))
+        heap = self._heap
+        if raw and max(max(ko + kl, vo + vl) for ko, kl, vo, vl in raw) > len(heap):
+            i = next(i for i, (ko, kl, vo, vl) in enumerate(raw) if max(ko + kl, vo + vl) > len(heap))
+            raise _fmt_err(f"xattr {i} runs past the heap end")
+        return [(heap[ko : ko + kl], heap[vo : vo + vl]) for ko, kl, vo, vl in raw]
+
+    def chunk_list(self) -> list[Chunk]:
+        """Every chunk, by id, checked as :meth:`chunk` checks one."""
+        out = [Chunk(i, digest, blob, off, clen, ulen)
+               for i, (digest, blob, _flags, off, clen, ulen) in enumerate(_CHUNK.iter_unpack(self._chunks))]
+        for c in out:
+            if c.blob >= self.n_blobs:
+                raise _fmt_err(f"chunk {c.id} names blob {c.blob} out of range")
+            if c.ulen > self.chunk_size:
+                raise _fmt_err(f"chunk {c.id} of {c.ulen} bytes exceeds the chunk size")
+        return out
+
+    def payload_sha256(self) -> bytes:
+        """The sha256 of the decoded payload: the checksum in the header of the blob this
+        index came from, so it names the index (caches of what is derived from it use it)."""
+        return hashlib.sha256(self._payload).digest()
+
 
 _KNOWN_TYPES: Final = frozenset(
     {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}

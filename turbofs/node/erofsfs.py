@@ -18,6 +18,16 @@ daemon leaves no FUSE mount behind (:func:`clean_stale` removes its erofs mount)
 The FUSE layer only translates: a read of the image file becomes metadata bytes, chunk
 slices (``reader.read_chunks``, so single-flight, digest checks, timeouts, caches and
 metrics are the per-file mode's) and zeros. Errors become errno values in one place.
+
+Metadata (:func:`prepare`): built from the index and checked, or loaded from the node's
+cache folder (``<cache_dir>/erofs/``, turbofs/erofs/cache.py) and checked the same way.
+
+O_DIRECT: ``open(O_DIRECT)`` of a file on a file-backed erofs mount fails with EINVAL (Linux
+6.18: erofs does direct I/O only on a block device, and the flag is refused at open; the
+``directio`` mount option is about how erofs reads the image file, not about its users).
+On the loop-device fallback O_DIRECT works. Nothing on our side can change that for a
+file-backed mount; programs that need O_DIRECT use ``--mode fuse`` (tests/test_erofs.py,
+``test_o_direct_works_on_loop_backed_erofs_only``).
 """
 
 from __future__ import annotations
@@ -39,7 +49,13 @@ import pyfuse3
 import trio
 
 from turbofs import format as fmt
-from turbofs.erofs import ErofsImage, build_erofs, check_erofs
+from turbofs.config import (
+    DEFAULT_EROFS_META_CACHE_BYTES,
+    DEFAULT_EROFS_MOUNT_OPTIONS,
+    DEFAULT_EROFS_READAHEAD_KB,
+)
+from turbofs.erofs import ErofsCorrupt, ErofsImage, build_erofs, check_erofs
+from turbofs.erofs import cache as meta_cache
 from turbofs.errors import TurboError
 from turbofs.node.fusefs import errno_of
 
@@ -359,30 +375,84 @@ def clean_stale(state: Path, mountpoint: Path) -> bool:
     return cleaned
 
 
-def prepare(index: fmt.Index, *, deep_check: bool = True) -> ErofsImage:
-    """Build the erofs image of ``index`` and check it; raises ErofsError (never mount it then)."""
+def prepare(index: fmt.Index, *, cache_dir: Path | None = None,
+            cache_bytes: int = DEFAULT_EROFS_META_CACHE_BYTES) -> ErofsImage:
+    """The checked erofs image of ``index``: loaded from ``<cache_dir>/erofs/`` when an
+    earlier mount left it there, built (and left there) otherwise. Raises ErofsError: never
+    mount it then.
+
+    Cached metadata goes through the same :func:`check_erofs` as fresh metadata (its
+    sha256 only shows it is the file that was written); one that fails is removed and
+    built afresh, so a damaged cache costs a build, never a wrong mount.
+    """
+    ms: dict[str, float] = {"load_ms": 0.0, "build_ms": 0.0, "check_ms": 0.0, "store_ms": 0.0}
     t0 = time.monotonic()
-    image = build_erofs(index)
-    t1 = time.monotonic()
-    check_erofs(image, deep=deep_check)
-    image.drop_source()  # about 30 MB for 40,000 files; the metadata itself is a few MB
-    image.stats["build_ms"] = round((t1 - t0) * 1000)
-    image.stats["check_ms"] = round((time.monotonic() - t1) * 1000)
-    log.info("erofs metadata of %d inodes: %d bytes, built in %.3f s, checked in %.3f s",
-             index.n_inodes, image.meta_size, t1 - t0, time.monotonic() - t1)
+
+    def took(step: str, since: float) -> float:
+        now = time.monotonic()
+        ms[step] += (now - since) * 1000
+        return now
+
+    image: ErofsImage | None = None
+    key = b""
+    if cache_dir is not None:
+        key = index.payload_sha256()
+        image = meta_cache.load(cache_dir, index, key)
+    t = took("load_ms", t0)
+    hit = image is not None
+    if image is not None:
+        try:
+            check_erofs(image)
+        except ErofsCorrupt as exc:
+            assert cache_dir is not None
+            log.warning("cached erofs metadata failed its checks, removing it and building it again: %s", exc)
+            meta_cache.discard(cache_dir, key)
+            image, hit = None, False
+        t = took("check_ms", t)
+    if image is None:
+        image = build_erofs(index)
+        t = took("build_ms", t)
+        check_erofs(image)
+        t = took("check_ms", t)
+        if cache_dir is not None:
+            meta_cache.store(cache_dir, image, key, max_bytes=cache_bytes)
+            t = took("store_ms", t)
+    image.drop_source()  # the decoded index columns; the metadata itself is a few MB
+    image.stats.update({"meta_cache_hit": int(hit), **{k: round(v) for k, v in ms.items()}})
+    log.info("erofs metadata of %d inodes: %d bytes, %s in %.3f s", index.n_inodes, image.meta_size,
+             "loaded from the cache and checked" if hit else "built and checked", t - t0)
     return image
+
+
+def _erofs_bdis() -> set[str]:
+    """The backing-device-info names of file-backed erofs mounts (``erofs-N``)."""
+    try:
+        return {name for name in os.listdir("/sys/class/bdi") if name.startswith("erofs-")}
+    except OSError:
+        return set()
+
+
+def _write_bdi(bdi: str, knob: str, value: int) -> None:
+    try:
+        Path(f"/sys/class/bdi/{bdi}/{knob}").write_text(f"{value}\n")
+    except OSError as exc:
+        log.warning("could not set %s of %s to %d: %s", knob, bdi, value, exc)
 
 
 class ErofsMount:
     """The erofs side of one daemon: the private FUSE mount's folder and the kernel mount."""
 
     def __init__(self, state: Path, target: Path, image: ErofsImage, *, readahead_kb: int = 1024,
-                 options: str = "", warm_meta: bool = True) -> None:
+                 erofs_readahead_kb: int = DEFAULT_EROFS_READAHEAD_KB, options: str = DEFAULT_EROFS_MOUNT_OPTIONS,
+                 warm_meta: bool = True) -> None:
         self.hidden = state / HIDDEN_DIR
         self.target = target
         self.image = image
-        self.readahead_kb = readahead_kb
+        self.readahead_kb = readahead_kb  # of the FUSE file (its bdi)
+        self.erofs_readahead_kb = erofs_readahead_kb  # of the erofs mount's files; 0: the kernel's
         self.options = options
+        self.fuse_bdi: str | None = None  # names under /sys/class/bdi, for status and benchmarks
+        self.erofs_bdi: str | None = None
         self.warm_meta = warm_meta
         self.how: str | None = None  # "file" or "loop" once mounted
         self.hidden_mounted = False
@@ -408,25 +478,43 @@ class ErofsMount:
         """After FUSE_INIT: tune, warm, mount erofs, detach the private mount."""
         self.hidden_mounted = True
         t0 = time.monotonic()
-        await trio.to_thread.run_sync(os.stat, self.image_file)
+        st = await trio.to_thread.run_sync(os.stat, self.image_file)
+        self.fuse_bdi = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
         if self.readahead_kb:
             await trio.to_thread.run_sync(set_readahead, self.hidden, self.readahead_kb)
         t1 = time.monotonic()
         if self.warm_meta:
             await trio.to_thread.run_sync(self._warm)
         t2 = time.monotonic()
+        before = _erofs_bdis()
         try:
             self.how = await trio.to_thread.run_sync(
                 lambda: mount_erofs(self.image_file, self.target, options=self.options)
             )
         except OSError as exc:
             raise TurboError(f"cannot mount erofs at {self.target}: {exc.strerror} (try --mode fuse)") from None
+        self.erofs_bdi = await trio.to_thread.run_sync(self._find_erofs_bdi, before)
+        if self.erofs_readahead_kb and self.erofs_bdi:
+            await trio.to_thread.run_sync(_write_bdi, self.erofs_bdi, "read_ahead_kb", self.erofs_readahead_kb)
         await trio.to_thread.run_sync(lambda: umount(self.hidden, lazy=True))
         self.hidden_mounted = False
         self.image.stats["warm_ms"] = round((t2 - t1) * 1000)
         self.image.stats["mount_ms"] = round((time.monotonic() - t2) * 1000)
         log.info("erofs mounted at %s (%s-backed): FUSE ready in %.3f s, metadata read in %.3f s, mount %.3f s",
                  self.target, self.how, t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    def _find_erofs_bdi(self, before: set[str]) -> str | None:
+        """The bdi of the erofs mount just made: its block device's for a loop device; for a
+        file-backed mount the one ``erofs-N`` that appeared with it (None if other erofs
+        mounts came and went at the same time: its readahead then stays the kernel's)."""
+        if self.how == "loop":
+            st = os.stat(self.target)
+            return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        new = _erofs_bdis() - before
+        if len(new) != 1:
+            log.info("%s: cannot tell which of %s is this mount's bdi", self.target, sorted(new))
+            return None
+        return new.pop()
 
     def stop(self) -> None:
         """Detach the erofs mount (for signals and errors); the FUSE session ends with it."""
@@ -441,7 +529,8 @@ class ErofsMount:
             self.hidden_mounted = False
 
     def status(self) -> dict[str, Any]:
-        return {"backing": self.how, "image_bytes": self.image.size, **self.image.stats}
+        return {"backing": self.how, "image_bytes": self.image.size, "fuse_bdi": self.fuse_bdi,
+                "erofs_bdi": self.erofs_bdi, "options": self.options, **self.image.stats}
 
 
 __all__ = [
