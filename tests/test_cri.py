@@ -19,6 +19,7 @@ runs a container that prints, reads the container's log file, and removes it all
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -31,6 +32,7 @@ import pytest
 from google.protobuf.message import Message
 
 from tests.containerd_fixtures import require_containerd
+from tests.faultproxy import FaultProxy
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
 from tests.snapshotter_fixtures import (
     CriContainerd,
@@ -39,7 +41,8 @@ from tests.snapshotter_fixtures import (
     derived_layout,
     proxy_plugin_toml,
 )
-from turbofs.proto import CRI_IMAGES, CRI_RUNTIME, cri_pb2, unary
+from turbofs.proto import CRI_IMAGES, CRI_RUNTIME, SNAPSHOTS, cri_pb2, unary, unary_stream
+from turbofs.proto import snapshots_pb2 as pb
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.remote import fetch_image
 
@@ -49,6 +52,8 @@ NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace
 
 class Cri:
     """The CRI services on containerd's socket."""
+
+    proxy: FaultProxy  # in front of the registry: the fault-injection seam
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(f"unix:{address}")
@@ -87,7 +92,7 @@ def cri_node(turbofs_snapshotter: SnapshotterProcess, shared_turbofs_registry: T
     """containerd with the CRI plugin on turbofs, and the images (see the module docstring)."""
     from bench.images import ensure_image
     from index_builder.builder import build
-    from tests.ocifixtures import TarEntry
+    from tests.ocifixtures import TarEntry, whiteout
 
     require_containerd()
     work = tmp_path_factory.mktemp("cri")
@@ -100,19 +105,27 @@ def cri_node(turbofs_snapshotter: SnapshotterProcess, shared_turbofs_registry: T
     pause = derived_layout(sample, 1, [TarEntry("pause", data=b"turbofs test sandbox\n")], work / "pause",
                            {"Entrypoint": ["sleep", "infinity"], "Cmd": None, "WorkingDir": "/"})
     skopeo_copy(f"oci:{pause}:latest", f"docker://{reg}/pause:1", "--preserve-digests")
+    # "shares:1": a plain image made of the sample's two base layers (the same blobs) and one
+    # of its own, which whites out a file of the base
+    shares = derived_layout(sample, 2, [TarEntry("other", "dir", mode=0o755), TarEntry("other/marker", data=b"own layer\n"),
+                                        whiteout("etc/motd")], work / "shares")
+    skopeo_copy(f"oci:{shares}:latest", f"docker://{reg}/shares:1", "--preserve-digests")
     (work / "cni" / "net.d").mkdir(parents=True)
     (work / "cni" / "bin").mkdir()
-    toml = cri_toml(plain_http_registries=(reg,), sandbox_image=f"{reg}/pause:1", cni_dir=work / "cni")
+    proxy = FaultProxy(f"http://{reg}")
+    toml = cri_toml(plain_http_registries=(reg, proxy.host_port), sandbox_image=f"{reg}/pause:1", cni_dir=work / "cni")
     ctrd = CriContainerd(toml + proxy_plugin_toml(turbofs_snapshotter.address), namespace=NAMESPACE)
     try:
         ctrd.start()
         cri = Cri(ctrd.address)
         refs = {"app": f"{reg}/app:latest", "twin": f"{reg}/app:latest-turbo", "pause": f"{reg}/pause:1",
-                "logs": str(work / "logs")}
+                "logs": str(work / "logs"), "shares": f"{reg}/shares:1", "proxied-app": f"{proxy.host_port}/app:latest"}
+        cri.proxy = proxy
         yield ctrd, cri, refs
         cri.close()
     finally:
         ctrd.stop()
+        proxy.close()
 
 
 def test_pod_runs_a_lazily_pulled_image(
@@ -204,3 +217,155 @@ def test_pod_runs_a_lazily_pulled_image(
         cri.image("RemoveImage", cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image=ref)), cri_pb2.RemoveImageResponse)
     _wait_for(lambda: not sn.turbofs_mounts(), "the twin's mount to be released")
     assert not ctrd.ctr("snapshots", "--snapshotter", "turbofs", "ls", namespace=NAMESPACE).stdout.splitlines()[1:]
+
+
+# -- a plain image sharing base layers with a lazily pulled one ---------------------------------
+
+
+def _backend(sn: SnapshotterProcess) -> dict[str, pb.Info]:
+    """The snapshotter's own snapshots (its socket, not containerd's metadata), by name."""
+    with sn.channel() as channel:
+        replies = unary_stream(channel, SNAPSHOTS, "List", pb.ListSnapshotsResponse)(pb.ListSnapshotsRequest(), timeout=30)
+        return {info.name: info for reply in replies for info in reply.info}
+
+
+def _usage(sn: SnapshotterProcess, key: str) -> tuple[int, int]:
+    with sn.channel() as channel:
+        u = unary(channel, SNAPSHOTS, "Usage", pb.UsageResponse)(pb.UsageRequest(key=key), timeout=30)
+        return u.size, u.inodes
+
+
+def _pull(cri: Cri, ref: str) -> str:
+    return cri.image("PullImage", cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=ref)), cri_pb2.PullImageResponse).image_ref
+
+
+def _remove_images(cri: Cri, *refs: str) -> None:
+    for ref in refs:
+        cri.image("RemoveImage", cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image=ref)), cri_pb2.RemoveImageResponse)
+
+
+def _run_in_pod(cri: Cri, logs_dir: str, image_ref: str, command: list[str]) -> list[tuple[str, str]]:
+    """Run ``command`` in a container of ``image_ref`` in a pod of its own; its log lines."""
+    uid = secrets.token_hex(4)
+    logs = Path(logs_dir) / uid
+    logs.mkdir(parents=True)
+    sandbox_config = cri_pb2.PodSandboxConfig(
+        metadata=cri_pb2.PodSandboxMetadata(name=f"pod-{uid}", uid=uid, namespace="default"),
+        log_directory=str(logs),
+        linux=cri_pb2.LinuxPodSandboxConfig(security_context=cri_pb2.LinuxSandboxSecurityContext(
+            namespace_options=cri_pb2.NamespaceOption(network=cri_pb2.NODE))),
+    )
+    pod = cri.runtime("RunPodSandbox", cri_pb2.RunPodSandboxRequest(config=sandbox_config),
+                      cri_pb2.RunPodSandboxResponse, timeout=300).pod_sandbox_id
+    try:
+        config = cri_pb2.ContainerConfig(metadata=cri_pb2.ContainerMetadata(name="c"), image=cri_pb2.ImageSpec(image=image_ref),
+                                         command=command, log_path="c/0.log")
+        cid = cri.runtime("CreateContainer", cri_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=sandbox_config), cri_pb2.CreateContainerResponse).container_id
+        cri.runtime("StartContainer", cri_pb2.StartContainerRequest(container_id=cid), cri_pb2.StartContainerResponse)
+
+        def status() -> cri_pb2.ContainerStatus:
+            return cri.runtime("ContainerStatus", cri_pb2.ContainerStatusRequest(container_id=cid),
+                               cri_pb2.ContainerStatusResponse).status
+
+        _wait_for(lambda: status().state == cri_pb2.CONTAINER_EXITED, "the container to exit")
+        assert status().exit_code == 0, (status(), Path(status().log_path).read_text())
+        lines = _log_lines(Path(status().log_path))
+        cri.runtime("RemoveContainer", cri_pb2.RemoveContainerRequest(container_id=cid), cri_pb2.RemoveContainerResponse)
+        return lines
+    finally:
+        cri.runtime("StopPodSandbox", cri_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), cri_pb2.StopPodSandboxResponse)
+        cri.runtime("RemovePodSandbox", cri_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), cri_pb2.RemovePodSandboxResponse)
+
+
+#: In a container of "shares:1": its own layer, the base layers' files, the whiteout of its layer.
+SHARES_CHECK = ["sh", "-c", "cat /other/marker /app/VERSION; test ! -e /etc/motd && echo motd-gone; "
+                "sha256sum /etc/debian_version /bin/sh | cut -d' ' -f1"]
+
+
+def _expected_shares(mp: Path) -> list[tuple[str, str]]:
+    """What SHARES_CHECK prints, the base files' digests read from the twin's mount (the same
+    base layers, flattened)."""
+    digests = [hashlib.sha256((mp / p).read_bytes()).hexdigest() for p in ("etc/debian_version", "bin/sh")]
+    return [("stdout", line) for line in ["own layer", "1.0.0", "motd-gone", *digests]]
+
+
+def _clean(cri: Cri, ctrd: CriContainerd, sn: SnapshotterProcess, *refs: str) -> None:
+    _remove_images(cri, *refs)
+    _wait_for(lambda: not sn.turbofs_mounts(), "the twin's mount to be released")
+    _wait_for(lambda: not ctrd.ctr("snapshots", "--snapshotter", "turbofs", "ls", namespace=NAMESPACE).stdout.splitlines()[1:],
+              "the snapshots to go")
+
+
+def test_plain_image_pulled_after_a_lazy_one_that_shares_its_base(
+    cri_node: tuple[CriContainerd, Cri, dict[str, str]], turbofs_snapshotter: SnapshotterProcess
+) -> None:
+    """The lazy pull leaves the base layers' chain IDs as placeholders; the plain image's
+    unpack needs them as real layers: the snapshotter fetches and applies exactly those."""
+    ctrd, cri, refs = cri_node
+    sn = turbofs_snapshotter
+    twin = fetch_image(refs["twin"])
+    _pull(cri, refs["app"])
+    placeholders = {n: i for n, i in _backend(sn).items() if i.labels.get(L.REMOTE) == L.REMOTE_PLACEHOLDER}
+    assert sorted(i.labels[L.TARGET] for i in placeholders.values()) == sorted(twin.chain[:2])
+    (mp,) = sn.turbofs_mounts()
+
+    shares = _pull(cri, refs["shares"])
+    after = _backend(sn)
+    for name in placeholders:  # the two base layers: real now, made from the layer blobs
+        info = after[name]
+        assert L.REMOTE not in info.labels and info.labels[L.MATERIALIZED] == info.labels[L.CRI_LAYER], info
+        size, inodes = _usage(sn, name)
+        assert size > 0 and inodes > 1
+    top = [i for i in after.values() if i.labels.get(L.REMOTE) == L.REMOTE_TOP]
+    assert len(top) == 1 and sn.turbofs_mounts() == [mp]  # the lazy image stays lazy
+    # the twin's own layer was never downloaded: only the plain image's blobs it needed
+    assert not ctrd.content_digests(namespace=NAMESPACE) & {d["digest"] for d in json.loads(twin.manifest)["layers"]}
+
+    assert _run_in_pod(cri, refs["logs"], shares, SHARES_CHECK) == _expected_shares(mp)
+    # and the lazy image still runs on its mount
+    assert _run_in_pod(cri, refs["logs"], twin.config_digest, ["cat", "/app/VERSION"]) == [("stdout", "1.1.0")]
+    _clean(cri, ctrd, sn, refs["app"], refs["shares"], refs["pause"])
+
+    # the other order: the plain image first (real layers), the lazy one on top of them
+    shares = _pull(cri, refs["shares"])
+    _pull(cri, refs["app"])
+    assert not [i for i in _backend(sn).values() if i.labels.get(L.REMOTE) == L.REMOTE_PLACEHOLDER]
+    (mp,) = sn.turbofs_mounts()
+    assert _run_in_pod(cri, refs["logs"], shares, SHARES_CHECK) == _expected_shares(mp)
+    assert _run_in_pod(cri, refs["logs"], twin.config_digest, ["cat", "/app/VERSION"]) == [("stdout", "1.1.0")]
+    _clean(cri, ctrd, sn, refs["app"], refs["shares"], refs["pause"])
+
+
+def test_a_corrupt_layer_leaves_the_placeholder(
+    cri_node: tuple[CriContainerd, Cri, dict[str, str]], turbofs_snapshotter: SnapshotterProcess
+) -> None:
+    """The lazy image comes through a proxy that then corrupts every blob: the base layer
+    fails its digest, the plain image's pull fails naming the layer and the cause, and the
+    placeholder stays one, until the registry answers right again."""
+    ctrd, cri, refs = cri_node
+    sn = turbofs_snapshotter
+    _pull(cri, refs["proxied-app"])
+    placeholders = {n for n, i in _backend(sn).items() if i.labels.get(L.REMOTE) == L.REMOTE_PLACEHOLDER}
+    assert len(placeholders) == 2
+    cri.proxy.faults.corrupt = 1_000_000
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _pull(cri, refs["shares"])
+        assert isinstance(err.value, grpc.Call)
+        message = err.value.details() or ""
+        layers = {_backend(sn)[n].labels[L.CRI_LAYER] for n in placeholders}
+        assert any(layer in message for layer in layers) and "digest" in message, message
+    finally:
+        cri.proxy.faults.corrupt = 0
+    now = _backend(sn)
+    assert all(now[n].labels.get(L.REMOTE) == L.REMOTE_PLACEHOLDER for n in placeholders)
+    assert all(_usage(sn, n) == (0, 0) for n in placeholders)
+    leftovers = [p.name for p in (sn.root / "snapshots").iterdir() if not p.name.isdigit()]
+    assert not leftovers, leftovers  # no half-applied folder
+
+    shares = _pull(cri, refs["shares"])  # the registry answers right again
+    assert all(L.REMOTE not in _backend(sn)[n].labels for n in placeholders)
+    (mp,) = sn.turbofs_mounts()
+    assert _run_in_pod(cri, refs["logs"], shares, SHARES_CHECK) == _expected_shares(mp)
+    _clean(cri, ctrd, sn, refs["proxied-app"], refs["shares"], refs["pause"])

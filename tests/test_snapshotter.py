@@ -51,15 +51,15 @@ from google.protobuf.message import Message
 from tests.containerd_fixtures import Containerd, require_containerd, unique_namespace
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
 from tests.snapshotter_fixtures import SnapshotterProcess, derived_layout
-from turbofs.errors import NotFound, UsageError
+from turbofs.errors import DigestMismatch, NotFound, UsageError
 from turbofs.proto import CRI_IMAGES, SNAPSHOTS, cri_pb2, unary, unary_stream
 from turbofs.proto import snapshots_pb2 as pb
 from turbofs.registry_client import Reference
 from turbofs.snapshotter import filters
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.core import Snapshotter, Usage, remote_name
-from turbofs.snapshotter.errors import AlreadyExists, FailedPrecondition
-from turbofs.snapshotter.remote import Resolver, TurboImage, fetch_image
+from turbofs.snapshotter.errors import AlreadyExists, FailedPrecondition, LayerFailed
+from turbofs.snapshotter.remote import LayerBlob, LayerSource, Resolver, TurboImage, fetch_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_GREETING = "sample app 1.1.0 says: hello world"
@@ -217,6 +217,77 @@ def test_core_remote_and_local_snapshots(tmp_path: Path) -> None:
     assert len(mounter.calls) == n
     assert sn2.stat(top).remote == "top"
     sn2.close()
+
+
+class LayerResolver(FakeResolver):
+    """Layers from local tar bytes; ``fail`` makes the next fetches fail, as a registry might."""
+
+    def __init__(self, images: list[TurboImage], layers: dict[str, bytes]) -> None:
+        super().__init__(images)
+        self.layers = layers
+        self.fetches: list[str] = []
+        self.fail = 0
+
+    def fetch_layer(self, src: LayerSource, dest: Path) -> LayerBlob:
+        self.fetches.append(src.layer_digest)
+        time.sleep(0.2)  # long enough for concurrent askers to pile up
+        if self.fail:
+            self.fail -= 1
+            raise DigestMismatch(f"blob {src.layer_digest}: content has another digest")
+        data = self.layers[src.layer_digest]
+        dest.write_bytes(data)
+        return LayerBlob(dest, src.layer_digest, len(data), "none", "sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def test_placeholders_become_layers_once(tmp_path: Path) -> None:
+    from tests.ocifixtures import TarEntry, layer_tar_bytes, whiteout
+
+    tars = [layer_tar_bytes([TarEntry("etc", "dir"), TarEntry("etc/a", data=b"a" * 10000), TarEntry("etc/b", data=b"b")]),
+            layer_tar_bytes([whiteout("etc/b"), TarEntry("etc/c", data=b"c")])]
+    digests = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+    img = _fake_image("reg.example/app:1", layers=3)
+    resolver = LayerResolver([img], dict(zip(digests, tars, strict=True)))
+    sn = Snapshotter(tmp_path / "root", FakeMounter(), resolver)
+    parent = ""
+    for i, chain_id in enumerate(img.chain):  # what the CRI plugin's unpacker does
+        labels = {L.TARGET: chain_id, L.CRI_IMAGE_REF: "reg.example/app:1", L.CRI_MANIFEST: img.manifest_digest,
+                  L.CRI_LAYER: digests[i] if i < 2 else "sha256:" + "f" * 64}
+        with pytest.raises(AlreadyExists):
+            sn.prepare(f"k8s.io/{i}/extract", parent, labels)
+        parent = remote_name(chain_id, parent)
+    second = sn.stat(parent).parent
+    first = sn.stat(second).parent
+
+    # a failure names the layer and the cause, and leaves both placeholders as they were
+    resolver.fail = 1
+    with pytest.raises(LayerFailed, match=f"layer {digests[0]} of reg.example/app:1.*content has another digest") as err:
+        sn.prepare("k8s.io/5/on-second", second, {})
+    assert err.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert [sn.stat(n).remote for n in (first, second)] == ["placeholder", "placeholder"]
+    assert sorted(p.name for p in sn.snapshots_dir.iterdir()) == []
+
+    # four at once: each layer is fetched and applied once, the lower one first
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda k=k: results.append(sn.prepare(f"k8s.io/6/c{k}", second, {})))
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and resolver.fetches == [digests[0], digests[0], digests[1]]
+    (m,) = sn.mounts("k8s.io/6/c0")
+    lowers = dict(o.split("=", 1) for o in m.options if "=" in o)["lowerdir"].split(":")
+    assert [Path(d).parent.name for d in lowers] == [str(sn.stat(second).id), str(sn.stat(first).id)]
+    assert os.lstat(Path(lowers[0]) / "etc/b").st_rdev == 0 and (Path(lowers[0]) / "etc/c").read_bytes() == b"c"
+    assert (Path(lowers[1]) / "etc/a").read_bytes() == b"a" * 10000
+    info = sn.stat(first)
+    assert info.remote is None and info.image is None and info.labels[L.MATERIALIZED] == digests[0]
+    assert L.REMOTE not in info.labels and sn.usage(first).size >= 10000
+    assert sn.stat(parent).remote == "top"  # the lazy top stays as it is
+    # a Mounts of a placeholder-free committed layer: read-only, all of it
+    (ro,) = sn.mounts(second)
+    assert ro.type == "overlay" and ro.options == ("lowerdir=" + ":".join(lowers),)
+    sn.close()
 
 
 def test_cleanup_reclaims_what_nothing_refers_to(tmp_path: Path) -> None:
@@ -838,7 +909,8 @@ def test_bad_input_gets_grpc_codes(
     assert code is S.FAILED_PRECONDITION and "not committed" in msg
     snaps.call("Commit", pb.CommitSnapshotRequest(name="bad/4/committed", key="bad/4/a"))
     assert snaps.code("Commit", pb.CommitSnapshotRequest(name="bad/4/again", key="bad/4/committed"))[0] is S.FAILED_PRECONDITION
-    assert snaps.code("Mounts", pb.MountsRequest(key="bad/4/committed"), pb.MountsResponse)[0] is S.FAILED_PRECONDITION
+    (ro,) = snaps.call("Mounts", pb.MountsRequest(key="bad/4/committed"), pb.MountsResponse).mounts  # read-only, all of it
+    assert ro.type == "bind" and list(ro.options) == ["ro", "rbind"]
     snaps.prepare("bad/4/child", "bad/4/committed")
     code, msg = snaps.code("Remove", pb.RemoveSnapshotRequest(key="bad/4/committed"))
     assert code is S.FAILED_PRECONDITION and "children" in msg

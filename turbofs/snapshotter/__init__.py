@@ -7,6 +7,7 @@
                                                ├─ store.py    SQLite metadata under --root
                                                ├─ remote.py   which turbo image a Prepare is about
                                                ├─ mounts.py   one turbofs mount per image (mount/check/unmount)
+                                               ├─ apply.py    a layer into overlayfs diff format (placeholders made real)
                                                ├─ filters.py  containerd's filter syntax (List)
                                                └─ labels.py   the labels read and written, chain IDs
 

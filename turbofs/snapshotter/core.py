@@ -20,11 +20,18 @@ Two kinds of snapshots live side by side:
   base layers with the turbo image unpacks them as real layers, in the same namespace.
   containerd's own unpacker (the CRI plugin) prepares every layer in turn, each on the one
   below; the chain IDs below the top then become **placeholders**: a turbo image is
-  flattened, so no layer below the top can be shown on its own. Mounting a placeholder, or
-  preparing a snapshot on it, fails with FAILED_PRECONDITION naming the image: that happens
-  when, in the CRI's namespace, a plain image sharing base layers with a lazily pulled one
-  is pulled after it (placeholders are never offered in place of real layers; pulled
-  *before* it, the plain image's layers are real and the turbo image stands on them).
+  flattened, so no layer below the top can be shown on its own. A placeholder becomes a real
+  local snapshot when something needs it (a Prepare or View on it, a Mounts of it): that
+  happens when, in the CRI's namespace, a plain image sharing base layers with a lazily
+  pulled one is pulled after it. The layer it stands for (its ``cri.layer-digest`` label,
+  from the registry of ``cri.image-ref``) is fetched, verified (blob digest, chain ID and
+  diff ID from the image's manifest and config) and applied in overlayfs's format
+  (:mod:`turbofs.snapshotter.apply`) into a new folder renamed into place; once, however many
+  ask; a failure leaves it a placeholder and answers with an error naming the layer and the
+  cause (:class:`~turbofs.snapshotter.errors.LayerFailed`). A placeholder without those
+  labels (``turbofs pull`` never makes one) cannot be mounted: FAILED_PRECONDITION.
+  Placeholders are never offered in place of real layers; pulled *before* the lazy image,
+  the plain image's layers are real and the turbo image stands on them.
 
 A container of a turbo image is an active snapshot whose parent is the top: an overlay with
 its own upper directory over the turbofs mount; what the container writes lands in
@@ -38,9 +45,11 @@ chain ID may be remote under one parent and local under another.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -48,18 +57,34 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-from turbofs.errors import NotFound, UsageError
+from index_builder.layers import LayerStream
+from index_builder.tarstream import TarError, TarReader
+from turbofs.errors import NotFound, SourceError, UsageError
 from turbofs.snapshotter import filters
 from turbofs.snapshotter import labels as L
-from turbofs.snapshotter.errors import AlreadyExists, FailedPrecondition
+from turbofs.snapshotter.apply import ApplyStats, LayerApplier
+from turbofs.snapshotter.errors import AlreadyExists, FailedPrecondition, LayerFailed
 from turbofs.snapshotter.mounts import Mounter
-from turbofs.snapshotter.remote import Resolver, TurboImage
+from turbofs.snapshotter.remote import LayerSource, Resolver, TurboImage
 from turbofs.snapshotter.store import ACTIVE, COMMITTED, VIEW, MountRecord, Snapshot, Store
 
 log = logging.getLogger("turbofs.snapshotter")
 
 _OVERLAY_INDEX_PARAM = Path("/sys/module/overlay/parameters/index")
+#: Uncompressed bytes of one layer a placeholder may become (a decompression bomb stops here).
+MAX_LAYER_SIZE: Final = 64 << 30
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the file system holding ``path`` (a layer is durable before it is recorded)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -120,6 +145,10 @@ class Snapshotter:
         self._locks_lock = threading.Lock()
         #: one per image: mounting, unmounting and recording snapshots of it do not interleave
         self._image_locks: dict[str, threading.RLock] = {}
+        #: one per placeholder: it is materialised once, however many ask
+        self._placeholder_locks: dict[str, threading.Lock] = {}
+        #: folders under snapshots/ that a materialisation is filling (Cleanup leaves them)
+        self._applying: set[str] = set()
         self._index_off = _OVERLAY_INDEX_PARAM.exists()
 
     def close(self) -> None:
@@ -182,11 +211,7 @@ class Snapshotter:
             if snap is None:
                 raise NotFound(f"parent snapshot {name} does not exist")
             if snap.remote == L.REMOTE_PLACEHOLDER:
-                raise FailedPrecondition(
-                    f"snapshot {name} is a placeholder for layer {snap.labels.get(L.TARGET, '?')} of turbo image "
-                    f"{snap.labels.get(L.REMOTE_IMAGE, snap.image)}: only the image's top layer can be mounted "
-                    "(a plain image sharing its base layers must be unpacked in another namespace)"
-                )
+                snap = self._materialize(snap)
             if snap.remote == L.REMOTE_TOP:
                 assert snap.image is not None
                 ref = snap.labels.get(L.REMOTE_IMAGE)
@@ -201,6 +226,13 @@ class Snapshotter:
         return out
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
+        if snap.kind == COMMITTED:  # read-only, all of it: its own files over its parents'
+            if snap.remote == L.REMOTE_TOP:
+                return [Mount("bind", self._lowers(snap.name)[0], ("ro", "rbind"))]
+            lowers = [str(self._dir(snap) / "fs"), *self._lowers(snap.parent)]
+            if len(lowers) == 1:
+                return [Mount("bind", lowers[0], ("ro", "rbind"))]
+            return [Mount("overlay", "overlay", ("lowerdir=" + ":".join(lowers),))]
         lowers = self._lowers(snap.parent)
         own = self._dir(snap)
         if snap.kind == VIEW:
@@ -276,6 +308,86 @@ class Snapshotter:
                 log.info("%s: %s %s of %s (for %s)", name, role, target, img.pinned, key)
         raise AlreadyExists(f"target snapshot {target}: {role} of turbo image {img.pinned}")
 
+    # -- placeholders become layers ------------------------------------------------------
+
+    def _placeholder_lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._placeholder_locks.setdefault(name, threading.Lock())
+
+    def _materialize(self, snap: Snapshot) -> Snapshot:
+        """Turn placeholder ``snap`` into the real layer it stands for (its parents first):
+        fetch the layer its CRI labels name, verify it, apply it into a new folder and rename
+        that into place. Once, however many ask at the same time; a failure leaves it a
+        placeholder and raises an error naming the layer and the cause."""
+        with self._placeholder_lock(snap.name):
+            cur = self.store.get(snap.name)
+            if cur is None:
+                raise NotFound(f"snapshot {snap.name} does not exist")
+            if cur.remote != L.REMOTE_PLACEHOLDER:
+                return cur  # materialised meanwhile
+            src = LayerSource.from_labels(cur.labels)
+            if src is None:
+                raise FailedPrecondition(
+                    f"snapshot {cur.name} is a placeholder for layer {cur.labels.get(L.TARGET, '?')} of turbo image "
+                    f"{cur.labels.get(L.REMOTE_IMAGE, cur.image)} and names no layer blob to fetch "
+                    f"(label {L.CRI_LAYER}): only the image's top layer can be mounted"
+                )
+            parents = [Path(p) for p in self._lowers(cur.parent)]  # materialises those below first
+            tmp = self.snapshots_dir / f"new-{cur.id}-{secrets.token_hex(4)}"
+            with self._locks_lock:
+                self._applying.add(tmp.name)
+            try:
+                t0 = time.monotonic()
+                try:
+                    stats, usage = self._apply_layer(src, tmp, parents)
+                except Exception as exc:
+                    raise LayerFailed(f"snapshot {cur.name}: could not make {src.describe()} (chain ID {src.chain_id}) "
+                                      f"a real layer: {exc}", exc) from exc
+                d = self._dir(cur)
+                with self.store.transaction() as db:
+                    row = Store.get_row(db, cur.name)
+                    if row is None or row.remote != L.REMOTE_PLACEHOLDER or row.id != cur.id:
+                        raise NotFound(f"snapshot {cur.name} was removed while its layer was applied")
+                    if d.exists():  # left by a crash before a commit of the database
+                        shutil.rmtree(d)
+                    os.rename(tmp, d)
+                    labels = {k: v for k, v in row.labels.items() if k not in (L.REMOTE, L.REMOTE_IMAGE)}
+                    labels[L.MATERIALIZED] = src.layer_digest
+                    row.labels, row.remote, row.image = labels, None, None
+                    row.size, row.inodes, row.updated = usage.size, usage.inodes, time.time()
+                    Store.update_row(db, row)
+                log.info("%s: applied %s (%d entries, %d bytes of files, %d whiteouts) in %.2f s: a real layer now",
+                         cur.name, src.describe(), stats.entries, stats.bytes, stats.whiteouts, time.monotonic() - t0)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with self._locks_lock:
+                    self._applying.discard(tmp.name)
+            if cur.image is not None:
+                self._release_mount(cur.image)  # the image's last snapshot may have been this one
+            return row
+
+    def _apply_layer(self, src: LayerSource, tmp: Path, parents: list[Path]) -> tuple[ApplyStats, Usage]:
+        """Fetch and apply layer ``src`` into ``tmp/fs`` (with ``tmp/work``), verified."""
+        tmp.mkdir(mode=0o700)
+        (tmp / "fs").mkdir(mode=0o755)
+        (tmp / "work").mkdir(mode=0o700)
+        blob = self.resolver.fetch_layer(src, tmp / "blob")
+        with open(blob.path, "rb") as f:
+            # the blob's digest was checked as it was downloaded; the diff ID is checked here
+            stream = LayerStream(f, name=blob.digest, compression=blob.compression, digest=None, size=None,
+                                 diff_id=blob.diff_id, max_size=MAX_LAYER_SIZE)
+            try:
+                try:
+                    stats = LayerApplier(tmp / "fs", parents, what=f"layer {blob.digest}").apply(TarReader(stream.next_piece))
+                except TarError as exc:
+                    raise SourceError(f"layer {blob.digest}: not a valid tar archive ({exc})") from None
+                stream.close_and_verify()
+            finally:
+                stream.abort()
+        blob.path.unlink()
+        _syncfs(tmp / "fs")
+        return stats, disk_usage(tmp / "fs")
+
     # -- containerd's calls --------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
@@ -318,11 +430,11 @@ class Snapshotter:
         return self._mounts(snap)
 
     def mounts(self, key: str) -> list[Mount]:
+        """The mounts of a snapshot; a committed one gets read-only mounts of all it holds (a
+        placeholder is materialised first)."""
         snap = self._get(key)
-        if snap.kind not in (ACTIVE, VIEW):
-            if snap.remote == L.REMOTE_PLACEHOLDER:
-                self._lowers(key)  # raises with the reason
-            raise FailedPrecondition(f"snapshot {key} is {snap.kind_name}: only active and view snapshots have mounts")
+        if snap.remote == L.REMOTE_PLACEHOLDER:
+            snap = self._materialize(snap)
         return self._mounts(snap)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
@@ -400,7 +512,8 @@ class Snapshotter:
           same on every node and before any byte is fetched. Read from the registry once
           (the index blob, verified) and kept in the snapshot's record;
         * a placeholder below a turbo image's top: 0, it presents no files of its own (the
-          whole image is counted at the top).
+          whole image is counted at the top); once it became a real layer, as a committed
+          local snapshot (counted when it was applied).
         """
         snap = self._get(key)
         if snap.remote == L.REMOTE_TOP:
@@ -430,6 +543,8 @@ class Snapshotter:
     def cleanup(self) -> None:
         """Reclaim folders without a snapshot and turbofs mounts without a snapshot."""
         known = {str(s.id) for s in self.store.all()}
+        with self._locks_lock:
+            known |= self._applying
         for entry in self.snapshots_dir.iterdir():
             if entry.name not in known:
                 if any(os.path.ismount(p) for p in (entry / "fs", entry)):

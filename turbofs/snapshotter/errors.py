@@ -11,7 +11,8 @@
      ├── RegistryError (other) ────── UNAVAILABLE         the registry is down or failing
      └── SnapshotError               (this module) carries its own code:
           ├── AlreadyExists ───────── ALREADY_EXISTS      also "this remote snapshot is ready"
-          ├── FailedPrecondition ──── FAILED_PRECONDITION wrong kind, has children, placeholder layer
+          ├── FailedPrecondition ──── FAILED_PRECONDITION wrong kind, has children, placeholder without a layer
+          ├── LayerFailed ─────────── the cause's code     a placeholder's layer could not be fetched or applied
           └── MountFailed ─────────── UNAVAILABLE         a turbofs mount could not be started
 
 containerd's proxy turns these codes back into its own errors (``errdefs.FromGRPC``):
@@ -21,6 +22,8 @@ INTERNAL, with the exception's text, and the server keeps serving.
 """
 
 from __future__ import annotations
+
+import errno
 
 import grpc
 
@@ -46,6 +49,21 @@ class MountFailed(SnapshotError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class LayerFailed(SnapshotError):
+    """A placeholder could not become a real layer: its code is the cause's (a registry that
+    is down: UNAVAILABLE; a digest mismatch or an unsafe entry: FAILED_PRECONDITION; a full
+    disk: RESOURCE_EXHAUSTED; anything else: UNKNOWN)."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            self.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif isinstance(cause, TurboError):
+            self.code = status_code(cause)
+        else:
+            self.code = grpc.StatusCode.UNKNOWN
+
+
 def status_code(exc: BaseException) -> grpc.StatusCode:
     """The gRPC code containerd should see for ``exc``."""
     if isinstance(exc, SnapshotError):
@@ -67,4 +85,4 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-__all__ = ["AlreadyExists", "FailedPrecondition", "MountFailed", "SnapshotError", "status_code"]
+__all__ = ["AlreadyExists", "FailedPrecondition", "LayerFailed", "MountFailed", "SnapshotError", "status_code"]

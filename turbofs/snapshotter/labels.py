@@ -23,6 +23,8 @@ MANIFEST: Final = "containerd.io/snapshot/turbofs.manifest-digest"
 REMOTE: Final = "containerd.io/snapshot/turbofs.remote"  # "top" or "placeholder"
 REMOTE_IMAGE: Final = "containerd.io/snapshot/turbofs.image"  # REGISTRY/REPO@DIGEST mounted
 REMOTE_TOP: Final = "top"
+#: Set on a placeholder that became a real layer: the layer blob it was made from.
+MATERIALIZED: Final = "containerd.io/snapshot/turbofs.materialized"
 REMOTE_PLACEHOLDER: Final = "placeholder"
 
 #: Set by containerd's CRI plugin (``disable_snapshot_annotations = false``) and by any
@@ -59,6 +61,7 @@ __all__ = [
     "GC_SNAPSHOT_PREFIX",
     "IMAGE_REF",
     "MANIFEST",
+    "MATERIALIZED",
     "REMOTE",
     "REMOTE_IMAGE",
     "REMOTE_PLACEHOLDER",

@@ -16,20 +16,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import stat
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import anyio
 
 from turbofs import oci
-from turbofs.errors import FormatError, NotFound, TurboError, UsageError
+from turbofs.errors import (
+    DigestMismatch,
+    FormatError,
+    NotFound,
+    SourceError,
+    TurboError,
+    UsageError,
+)
 from turbofs.image import is_turbo_manifest, load_index, parse_manifest
 from turbofs.registry_client import Reference, RegistryClient
+from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.labels import chain_ids
 
 log = logging.getLogger("turbofs.snapshotter")
@@ -42,6 +52,9 @@ CACHE_ENTRIES: Final = 256
 NEGATIVE_TTL: Final = 60.0
 #: Where containerd sends requests for images named ``docker.io/...``.
 DOCKER_HUB: Final = "registry-1.docker.io"
+#: A layer blob is downloaded in ranges of this many bytes, this many at a time.
+LAYER_PIECE: Final = 8 << 20
+LAYER_PARALLEL: Final = 4
 
 T = TypeVar("T")
 
@@ -178,6 +191,86 @@ def presented(img: TurboImage, *, retries: int = 2, timeout: float = 60.0) -> tu
     return size, index.n_inodes
 
 
+@dataclass(frozen=True)
+class LayerSource:
+    """The layer a placeholder stands for, from the CRI labels it carries: blob
+    ``layer_digest`` of the image ``image_ref`` (manifest ``manifest_digest`` where known),
+    whose chain ID is ``chain_id``."""
+
+    image_ref: str
+    layer_digest: str
+    chain_id: str
+    manifest_digest: str | None = None
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> LayerSource | None:
+        ref, layer, chain = labels.get(L.CRI_IMAGE_REF), labels.get(L.CRI_LAYER), labels.get(L.TARGET)
+        if not (ref and layer and chain):
+            return None
+        return cls(ref, layer, chain, labels.get(L.CRI_MANIFEST) or None)
+
+    def describe(self) -> str:
+        return f"layer {self.layer_digest} of {self.image_ref}"
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A downloaded layer blob whose digest (and size, where known) was verified."""
+
+    path: Path
+    digest: str
+    size: int
+    compression: str | None  # None: sniff it from the bytes
+    diff_id: str | None  # from the image config, where known
+
+
+def _registry_reference(ref: str) -> Reference:
+    reference = Reference.parse(ref)
+    if reference.registry == "docker.io":
+        reference = dataclasses.replace(reference, registry=DOCKER_HUB)
+    return reference
+
+
+async def _layer_descriptor(client: RegistryClient, ref: Reference, src: LayerSource) -> tuple[oci.Descriptor, str]:
+    """The descriptor and diff ID of ``src``'s layer, from the image's manifest and config:
+    the position whose chain ID is ``src.chain_id``."""
+    assert src.manifest_digest is not None
+    _, _, digest, obj = await client.get_image_manifest(ref.repository, src.manifest_digest)
+    where = f"manifest {ref.registry}/{ref.repository}@{digest}"
+    layers = [oci.Descriptor.from_json(d, where) for d in obj.get("layers") or []]
+    config_desc = oci.Descriptor.from_json(obj.get("config"), where)
+    config_raw = await client.get_blob(ref.repository, config_desc.digest, max_size=MAX_CONFIG_SIZE)
+    diffs = _diff_ids(oci.parse_json(config_raw, f"image config {config_desc.digest}"), f"image config {config_desc.digest}")
+    if len(diffs) != len(layers):
+        raise FormatError(f"{where}: {len(layers)} layers but its config has {len(diffs)} diff_ids")
+    chain = chain_ids(diffs)
+    for i, desc in enumerate(layers):
+        if desc.digest == src.layer_digest and chain[i] == src.chain_id:
+            if desc.media_type not in oci.LAYER_COMPRESSION:
+                raise FormatError(f"{where}: layer {desc.digest} has media type {desc.media_type!r}, "
+                                  "which is no tar layer")
+            return desc, diffs[i]
+    raise FormatError(f"{where}: no layer {src.layer_digest} with chain ID {src.chain_id}")
+
+
+async def _download(client: RegistryClient, repo: str, digest: str, size: int, dest: Path) -> None:
+    """Blob ``digest`` of ``size`` bytes into ``dest``, in parallel ranges, hashed as written;
+    raises DigestMismatch (and leaves ``dest`` to the caller) if the bytes are not the blob."""
+    h = oci.hasher(digest)
+    step = LAYER_PIECE * LAYER_PARALLEL
+    with open(dest, "wb") as out:
+        for start in range(0, size, step):
+            ranges = [(digest, off, min(LAYER_PIECE, size - off)) for off in range(start, min(size, start + step), LAYER_PIECE)]
+            for piece in await client.get_ranges(repo, ranges, parallel=LAYER_PARALLEL):
+                h.update(piece)
+                out.write(piece)
+        out.flush()
+        os.fsync(out.fileno())
+    actual = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
+    if actual != digest:
+        raise DigestMismatch(f"blob {digest} from {client.registry}/{repo}: content has digest {actual}")
+
+
 class Resolver:
     """Turbo images by reference, for the snapshotter: cached, with the CRI twin rule."""
 
@@ -230,6 +323,28 @@ class Resolver:
         :func:`presented`."""
         return presented(self.turbo(pinned, manifest_digest), retries=self.retries, timeout=self.timeout)
 
+    def fetch_layer(self, src: LayerSource, dest: Path) -> LayerBlob:
+        """Download the layer ``src`` names into the file ``dest`` and verify it: the blob's
+        digest and size, and its chain ID and diff ID against the image's manifest and config
+        where the manifest digest is known. Blocking."""
+        try:
+            reference = _registry_reference(src.image_ref)
+            oci.check_digest(src.layer_digest)
+        except TurboError as exc:
+            raise SourceError(f"{src.describe()}: {exc}") from None
+
+        async def go() -> LayerBlob:
+            async with _client(reference, self.scheme(reference.registry), self.retries, self.timeout) as client:
+                if src.manifest_digest is not None:
+                    desc, diff_id = await _layer_descriptor(client, reference, src)
+                    await _download(client, reference.repository, desc.digest, desc.size, dest)
+                    return LayerBlob(dest, desc.digest, desc.size, oci.LAYER_COMPRESSION[desc.media_type], diff_id)
+                data = await client.get_blob(reference.repository, src.layer_digest)  # verified
+                dest.write_bytes(data)
+                return LayerBlob(dest, src.layer_digest, len(data), None, None)
+
+        return _run(go)
+
     def for_cri(self, ref: str, manifest_digest: str) -> TurboImage | None:
         """The turbo image to mount for the plain or turbo image CRI pulls, or None."""
         key = ("cri", ref, manifest_digest)
@@ -237,14 +352,12 @@ class Resolver:
         if hit:
             return img
         try:
-            reference = Reference.parse(ref)
+            reference = _registry_reference(ref)
             oci.check_digest(manifest_digest)
         except TurboError as exc:
             log.info("CRI labels name %s@%s, which is no registry reference (%s): ordinary unpack", ref, manifest_digest, exc)
             self._remember(key, None)
             return None
-        if reference.registry == "docker.io":
-            reference = dataclasses.replace(reference, registry=DOCKER_HUB)
         scheme = self.scheme(reference.registry)
 
         async def go() -> TurboImage | None:
@@ -281,4 +394,4 @@ class Resolver:
         return img
 
 
-__all__ = ["Resolver", "TurboImage", "fetch_image", "presented"]
+__all__ = ["LayerBlob", "LayerSource", "Resolver", "TurboImage", "fetch_image", "presented"]

@@ -152,6 +152,12 @@ class Store:
             return [_snapshot(r) for r in self._db.execute("SELECT * FROM snapshots WHERE image=?", (digest,))]
 
     @staticmethod
+    def get_row(db: sqlite3.Connection, name: str) -> Snapshot | None:
+        """``get`` inside a :meth:`transaction`."""
+        row = db.execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
+        return _snapshot(row) if row is not None else None
+
+    @staticmethod
     def insert(db: sqlite3.Connection, name: str, kind: int, parent: str, labels: dict[str, str], *,
                remote: str | None = None, image: str | None = None) -> Snapshot:
         now = time.time()
