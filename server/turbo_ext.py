@@ -83,9 +83,15 @@ class _Extensions:
     async def _json(self, request: web.Request, limit: int = 8 << 20) -> Any:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+        # read() returns what has arrived, not the whole body: read to the end
+        pieces: list[bytes] = []
+        size = 0
+        while piece := await request.content.read(limit + 1 - size):
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        raw = b"".join(pieces)
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
