@@ -32,6 +32,7 @@ service_running() {
 DEB_PACKAGES=(
     skopeo umoci containerd runc docker-registry debootstrap
     fuse3 libfuse3-dev pkg-config erofs-utils zstd iproute2 util-linux
+    strace systemd shellcheck  # tests: flushes of an upload (strace), the units (systemd-analyze, shellcheck)
 )
 # python3-venv only matters when the interpreter cannot create a venv by itself
 # (Debian's own python3 without it lacks ensurepip; pyenv builds have it).

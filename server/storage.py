@@ -19,8 +19,13 @@ blobs too (their bytes live in ``blobs/``; the revision file says the repository
 
 Every file is written under a temporary name in its final folder (a name starting with a dot,
 which no blob, tag or name can start with), fsynced, then renamed, and the folder fsynced; so
-a crash leaves either the old or the new state, never half a file. A blob enters ``blobs/``
-only after its bytes were hashed and matched the digest that names it. Names, tags, digests and
+a crash leaves either the old or the new state, never half a file. Two exceptions, where there
+is nothing a crash could tear: the empty files of ``_layers/`` are created in place (then their
+folder is fsynced), and upload sessions are not flushed at all (a crash loses a session; the
+client starts it again). A blob enters ``blobs/`` only after its bytes were hashed, matched
+the digest that names it, and were fsynced. Finishing an upload flushes three times for a new
+blob (its bytes, ``blobs/<algo>/``, the repository's ``_layers/<algo>/``) and once for a blob
+stored already: a client that uploads blob after blob waits for each of those. Names, tags, digests and
 upload ids are checked against their grammar before any path is built from them, which is
 also what keeps every path inside the storage folder.
 
@@ -233,11 +238,25 @@ class Storage:
 
     def link_blob(self, repo: str, digest: str) -> None:
         """Make blob ``digest`` (which must be stored) part of repository ``repo``."""
+        for folder in self._link_unsynced(repo, digest):
+            fsync_dir(folder)
+
+    def _link_unsynced(self, repo: str, digest: str) -> list[Path]:
+        """Create ``repo``'s link to stored blob ``digest`` if it is missing; return the
+        folders whose new entries still need an fsync (the caller syncs them, so that several
+        new names cost one flush each folder)."""
         link = self._layer_link(repo, digest)
         if not self._blob_file(digest).is_file():
             raise BlobUnknown(f"blob {digest} is not in the registry", detail={"digest": digest})
-        if not link.exists():
-            atomic_write(link, b"")
+        if link.exists():
+            return []
+        dirty = _make_dirs(link.parent)
+        try:
+            # an empty file: there are no bytes to tear, so no temporary name and no file fsync
+            os.close(os.open(link, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:  # another request linked it meanwhile
+            return dirty
+        return [*dirty, link.parent]
 
     def unlink_blob(self, repo: str, digest: str) -> None:
         """Remove blob ``digest`` from ``repo`` (its bytes stay until garbage_collect)."""
@@ -294,16 +313,19 @@ class Storage:
             tmp.unlink(missing_ok=True)
         src.unlink()
 
-    def _publish(self, verified: Path, dest: Path) -> None:
-        """Give the verified file ``verified`` its final name ``dest`` (a hard link; the
-        caller removes ``verified``). An existing blob is left as it is (same bytes)."""
+    def _publish(self, verified: Path, dest: Path, *, sync: bool = True) -> bool:
+        """Give the verified (and fsynced) file ``verified`` its final name ``dest`` (a hard
+        link; the caller removes ``verified``); with ``sync``, fsync the folder. An existing
+        blob is left as it is (same bytes). True if the name is new."""
         try:
             os.link(verified, dest)
         except FileExistsError:
-            return
+            return False
         now = time.time()
         os.utime(dest, (now, now))  # a fresh blob is young for garbage_collect's grace period
-        fsync_dir(dest.parent)
+        if sync:
+            fsync_dir(dest.parent)
+        return True
 
     def put_blob_bytes(self, data: bytes) -> str:
         """Store ``data`` as a blob (not linked to any repository); return its sha256 digest."""
@@ -645,7 +667,10 @@ class Storage:
         folder = self._upload_dir(uuid)
         folder.mkdir()
         (folder / "data").touch()
-        atomic_write(folder / "state.json", json.dumps({"repo": repo, "created": time.time()}).encode())
+        # Nothing of a session is flushed: a crash loses it, and the client starts again (an
+        # unreadable state.json reads as an unknown upload). No request can name the session
+        # before this returns, so the file needs no temporary name either.
+        (folder / "state.json").write_bytes(json.dumps({"repo": repo, "created": time.time()}).encode())
         return uuid
 
     async def upload_append(
@@ -726,13 +751,22 @@ class Storage:
                         f"uploaded content has digest {actual}, not {digest}",
                         detail={"expected": digest, "actual": actual, "size": size},
                     )
-                fd = os.open(data, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                self._publish(data, self._blob_file(digest))
-                self.link_blob(str(state["repo"]), digest)
+                # The bytes are flushed before the blob gets its name, and the new names are
+                # flushed before the client hears 201: three fsyncs for a new blob (data, blob
+                # folder, repository folder), one for a blob stored already.
+                dest = self._blob_file(digest)
+                dirty: list[Path] = []
+                if not dest.is_file():
+                    fd = os.open(data, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    if self._publish(data, dest, sync=False):
+                        dirty.append(dest.parent)
+                dirty += self._link_unsynced(str(state["repo"]), digest)
+                for parent in dict.fromkeys(dirty):
+                    fsync_dir(parent)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -845,6 +879,24 @@ class Storage:
                         os.unlink(entry.path)
                         count += 1
         return count
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders that got new entries
+    (the parents of those created), outermost first, for the caller to fsync."""
+    missing: list[Path] = []
+    p = folder
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    dirty: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        dirty.append(d.parent)
+    return dirty
 
 
 async def _chunks(data: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterable[bytes]:
