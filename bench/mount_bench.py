@@ -1491,8 +1491,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def bench_memory(ref: str, extra: Sequence[str], *, read: bool = True) -> dict[str, Any]:
+    """Daemon memory through a full prefetch of ``ref`` (a registry reference or a local
+    turbo layout) while ``tar`` reads the whole image (``read``): RSS sampled every 100 ms,
+    the kernel's peak (VmHWM) and what is left 2 s after the end. Fresh cache and state."""
+    base = Path(tempfile.mkdtemp(prefix="tfs-membench-", dir="/tmp"))
+    mp, run_dir, cache = base / "mnt", base / "run", base / "cache"
+    mp.mkdir()
+    cli = [sys.executable, "-m", "turbofs.cli"]
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def status() -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(run_cmd([*cli, "status", str(mp), "--run-dir", str(run_dir)]).stdout)
+        return out
+
+    try:
+        t0 = time.monotonic()
+        run_cmd([*cli, "mount", ref, str(mp), "--run-dir", str(run_dir), "--cache-dir", str(cache), *extra])
+        pid = int(status()["pid"])
+
+        def sample() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    samples.append((time.monotonic() - t0, proc_status_kib(pid, "VmRSS")))
+                stop.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        reader = subprocess.Popen("tar cf - . | cat > /dev/null", shell=True, cwd=mp) if read else None
+        while status().get("prefetch", {}).get("state") not in ("done", "stopped", "disabled", None):
+            time.sleep(0.5)
+        prefetch_s = time.monotonic() - t0
+        if reader is not None:
+            reader.wait()
+        read_s = time.monotonic() - t0
+        time.sleep(2)
+        stop.set()
+        sampler.join()
+        st = status()
+        return {
+            "ref": ref, "options": list(extra), "mode": st["mode"], "read_while_prefetching": read,
+            "prefetch_s": round(prefetch_s, 1), "read_s": round(read_s, 1),
+            "prefetch_bytes": st["prefetch"]["bytes_done"], "ram_cache_bytes": st["cache"]["ram_bytes"],
+            "peak_rss_mib": round(proc_status_kib(pid, "VmHWM") / 1024, 1),
+            "rss_after_mib": round(proc_status_kib(pid, "VmRSS") / 1024, 1),
+            "rss_mib_over_time": [(round(t, 1), round(k / 1024)) for t, k in samples[:: max(1, len(samples) // 30)]],
+        }
+    finally:
+        stop.set()
+        run_cmd([*cli, "umount", str(mp), "--run-dir", str(run_dir)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["memory"]:  # daemon RSS through a full prefetch (bench/README.md, Mount, 5)
+        sub = argparse.ArgumentParser(prog="python -m bench.mount_bench memory")
+        sub.add_argument("ref", help="registry reference or local turbo layout")
+        sub.add_argument("--no-read", dest="read", action="store_false", help="prefetch only, no reader")
+        a, extra = sub.parse_known_args(argv[1:])
+        print(json.dumps(bench_memory(a.ref, extra, read=a.read), indent=1))
+        return 0
     if argv[:1] == ["client-fetch"]:  # internal: client_fetch_cost inside a network namespace
         sub = argparse.ArgumentParser(prog="python -m bench.mount_bench client-fetch")
         sub.add_argument("ref")

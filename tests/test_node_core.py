@@ -451,6 +451,57 @@ def test_crash_leftovers_never_pass_as_chunks(image: Image, tmp_path: Path) -> N
     run(main)
 
 
+def test_ram_tier_lets_go_of_what_it_evicts() -> None:
+    """Evicted chunks are freed: nothing keeps a reference to them (lru-dict's popitem did,
+    so the daemon grew by every chunk it ever read)."""
+    import sys
+
+    vs = [_synthetic(i, 50_000) for i in range(40)]
+    ram = RamCache(120_000)  # two chunks fit
+    before = [sys.getrefcount(v.data) for v in vs]
+    for v in vs:
+        ram.put(v)
+    assert len(ram) == 2 and ram.evictions == 38
+    after = [sys.getrefcount(v.data) for v in vs]
+    assert after[:38] == before[:38]  # evicted: back to the references this test holds
+    assert [a - b for a, b in zip(after[38:], before[38:], strict=True)] == [1, 1]  # held by the tier
+    ram.discard(vs[39].chunk.digest)
+    refs = sys.getrefcount(vs[39].data)  # outside the assert: pytest's rewriting holds its operands
+    assert refs == before[39] and ram.used_bytes == len(vs[38].data)
+
+
+def test_disk_tier_trusts_only_files_this_process_checked(tmp_path: Path) -> None:
+    vs = [_synthetic(i) for i in range(4)]
+    root = tmp_path / "d"
+    disk = DiskCache(root, 1 << 20)
+    for v in vs:
+        assert disk.put(v)
+    # written here, from checked bytes: loaded without a second sha256
+    assert disk.get(vs[0].chunk) == vs[0] and disk.stats.trusted_hits == 1
+    # a new process (a new DiskCache on the folder) checks each file once, then trusts it
+    again = DiskCache(root, 1 << 20)
+    assert again.get(vs[0].chunk) == vs[0] and again.stats.trusted_hits == 0
+    assert again.get(vs[0].chunk) == vs[0] and again.stats.trusted_hits == 1
+    # bytes changed under a trusted file are checked and caught, however they got there:
+    # rewritten in place (same inode, same size)...
+    with open(again.path(vs[0].chunk.digest), "r+b") as f:
+        f.write(b"\0" * 16)
+    assert again.get(vs[0].chunk) is None and again.stats.corrupt == 1
+    # ...replaced by another file (a rename, as another writer would do)...
+    assert again.get(vs[1].chunk) is not None
+    swap = root / "swap"
+    swap.write_bytes(vs[2].data)
+    os.replace(swap, again.path(vs[1].chunk.digest))
+    assert again.get(vs[1].chunk) is None and again.stats.corrupt == 2
+    # ...or truncated (torn) while the stamp was the same otherwise
+    assert again.get(vs[2].chunk) is not None
+    os.truncate(again.path(vs[2].chunk.digest), 100)
+    assert again.get(vs[2].chunk) is None and again.stats.corrupt == 3
+    # the process that wrote the files was told nothing: it catches them too
+    assert disk.get(vs[1].chunk) is None and disk.get(vs[3].chunk) == vs[3]
+    assert not any(again.path(v.chunk.digest).exists() for v in vs[:3])
+
+
 # ---------------------------------------------------------------------------------------
 # Faults
 

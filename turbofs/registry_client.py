@@ -199,6 +199,28 @@ class RegistryClient:
             attempt += 1
             await anyio.sleep(random.uniform(0, min(self.backoff_max, self.backoff * 2**attempt)))
 
+    async def _request_body(
+        self, method: str, url: str, what: str, *, max_size: int | None = None,
+        too_big: type[TurboError] = FormatError, **kwargs: Any,
+    ) -> bytes:
+        """The body of a 200 answer, with :meth:`_request`'s retries (a connection lost in
+        the middle of the body is retried too), read by :func:`_read_body`: never kept on the
+        response object. For blobs and byte ranges, whose bodies are big."""
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream(method, url, **kwargs) as resp:
+                    if resp.status_code == 200:
+                        return await _read_body(resp, what, max_size, too_big=too_big)
+                    await resp.aread()  # an error document: small
+                    if resp.status_code not in _RETRY_STATUS or attempt >= self.retries:
+                        raise _error_from(resp, what)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise RegistryError(f"{what}: {self.registry} unreachable: {exc!r}") from None
+            attempt += 1
+            await anyio.sleep(random.uniform(0, min(self.backoff_max, self.backoff * 2**attempt)))
+
     # -- discovery --------------------------------------------------------------------
 
     async def ping(self) -> None:
@@ -279,10 +301,7 @@ class RegistryClient:
 
     async def get_blob(self, repo: str, digest: str, *, max_size: int | None = None) -> bytes:
         """A whole blob, verified against its digest."""
-        resp = await self._request("GET", f"/v2/{repo}/blobs/{digest}", f"blob {digest}")
-        data = resp.content
-        if max_size is not None and len(data) > max_size:
-            raise FormatError(f"blob {digest}: {len(data)} bytes is over the limit of {max_size}")
+        data = await self._request_body("GET", f"/v2/{repo}/blobs/{digest}", f"blob {digest}", max_size=max_size)
         oci.verify_bytes(data, digest, f"blob {digest} from {self.registry}/{repo}")
         return data
 
@@ -297,7 +316,7 @@ class RegistryClient:
             try:
                 async with self._http.stream("GET", f"/v2/{repo}/blobs/{digest}", headers=headers) as resp:
                     if resp.status_code == 206:
-                        data = await resp.aread()
+                        data = await _read_body(resp, what, length, too_big=RegistryError)
                     elif resp.status_code == 200:
                         # a registry that ignores Range: read up to what we need, then drop it
                         data = await _read_window(resp.aiter_bytes(), offset, length)
@@ -352,11 +371,10 @@ class RegistryClient:
     async def _batch(self, repo: str, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
         body = {"ranges": [{"digest": d, "offset": o, "length": n} for d, o, n in ranges]}
         total = sum(n for _, _, n in ranges)
-        resp = await self._request(
+        data = await self._request_body(
             "POST", f"/v2/{repo}/_turbofs/batch", f"batched fetch of {len(ranges)} ranges",
-            json=body, headers={"Accept": BATCH_MEDIA_TYPE},
+            max_size=total, too_big=RegistryError, json=body, headers={"Accept": BATCH_MEDIA_TYPE},
         )
-        data = resp.content
         if len(data) != total:
             raise RegistryError(f"batched fetch: got {len(data)} bytes, expected {total}")
         out = []
@@ -455,6 +473,27 @@ class RegistryClient:
     async def tags(self, repo: str) -> list[str]:
         resp = await self._request("GET", f"/v2/{repo}/tags/list", f"tags of {repo}")
         return list(resp.json().get("tags") or [])
+
+
+async def _read_body(
+    resp: httpx.Response, what: str, max_size: int | None = None, *, too_big: type[TurboError] = FormatError
+) -> bytes:
+    """A streamed response's body, read without storing it on ``resp``.
+
+    An httpx response sits in a reference cycle (it and its stream refer to each other), so
+    a body kept on it (``resp.content``, ``resp.aread()``) lives until Python's cyclic
+    garbage collector runs, which big byte strings do not trigger: the node daemon held
+    ~70 MiB of finished 4 MiB batch bodies this way (measured with tracemalloc; peak RSS
+    277 MiB for four fetches in flight, 84 MiB once bodies were not kept).
+    """
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in resp.aiter_bytes():
+        size += len(piece)
+        if max_size is not None and size > max_size:
+            raise too_big(f"{what}: the answer is over the limit of {max_size} bytes")
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 async def _read_window(chunks: AsyncIterator[bytes], offset: int, length: int) -> bytes:

@@ -33,8 +33,12 @@ bounded anyway. So: raw chunks, decompressed exactly once on the node.
 **Crash safety without fsync.** Every file is written to a temporary name in its final
 directory, then renamed: a half-written file never has a chunk's name while the machine
 runs. After a power loss a renamed file may still be empty or torn (its data was not
-flushed), so every read checks the length and the sha256 against the file's name before
-any byte is used; a mismatch is a miss, counted, and the file is removed. That makes fsync
+flushed), so a file is checked (length and sha256 against its name) before any byte of it
+is used; a mismatch is a miss, counted, and the file is removed. A file this process wrote
+itself (from bytes it had just checked) or has checked once is not hashed again while it
+keeps the stamp it had then (inode, size, an mtime set to the nanosecond): a cold start
+reads back, moments later, the chunks its prefetch just wrote, and a second sha256 of each
+cost 0.85 ms of CPU per MB (bench/README.md, "Mount", section 3). That makes fsync
 unnecessary for correctness, and it made each write ~8x slower here (501 vs 62 us per
 256 KiB chunk), so it is off by default (``DaemonConfig.disk_cache_fsync``).
 
@@ -90,8 +94,9 @@ _TEMP_RE: Final = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+$")
 class VerifiedChunk:
     """A chunk's uncompressed bytes, checked against its digest.
 
-    Made only by :func:`decode_frame` and :func:`verify_data`; the cache tiers accept
-    nothing else.
+    Made only by :func:`decode_frame` and :func:`verify_data`, and by the disk tier for a
+    file whose bytes this process checked itself (:meth:`DiskCache.get`); the cache tiers
+    accept nothing else.
     """
 
     chunk: Chunk
@@ -150,7 +155,14 @@ class RamCache:
         self._lru[v.chunk.digest] = v.data
         self.used_bytes += size
         while self.used_bytes > self.max_bytes:
-            _, dropped = self._lru.popitem(least_recent=True)
+            # never LRU.popitem: lru-dict (1.4.1 here) keeps a reference to every value it
+            # pops that way (amitdev/lru-dict#64), which leaked every evicted chunk: the
+            # daemon grew to the size of all chunks ever read (1.46 GB for python-1g)
+            oldest = self._lru.peek_last_item()
+            if oldest is None:  # only if the byte count were wrong: never loop forever
+                self.used_bytes = 0
+                break
+            dropped = self._lru.pop(oldest[0], b"")
             self.used_bytes -= len(dropped)
             self.evictions += 1
 
@@ -173,16 +185,49 @@ class DiskStats:
     write_errors: int = 0
     evictions: int = 0
     removed_temps: int = 0
+    trusted_hits: int = 0  # hits on files this process had checked: no second sha256
+
+
+#: A cache file as this process last saw it: (inode, size, mtime in ns).
+_Stamp = tuple[int, int, int]
 
 
 @dataclass
 class _Entry:
     usage: int  # bytes counted against the bound (size rounded up to DISK_BLOCK)
     pins: int = 0
+    #: Set once this process has checked the file's bytes (it wrote them after their
+    #: digest check, or read and checked them): while the file still has this stamp, its
+    #: bytes are those bytes, and loading it needs no second sha256.
+    verified: _Stamp | None = None
 
 
 def _usage(size: int) -> int:
     return max(DISK_BLOCK, -(-size // DISK_BLOCK) * DISK_BLOCK)
+
+
+def _read_fd(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from the start of ``fd`` (fewer only at its end)."""
+    data = os.read(fd, n)
+    if 0 < len(data) < n:  # a short read before the end (rare): go on
+        parts = [data]
+        got = len(data)
+        while got < n and (more := os.read(fd, n - got)):
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
+
+
+def _stamp(fd: int, st: os.stat_result) -> _Stamp:
+    """Set the file's times to now (the LRU order kept across restarts) and return its
+    stamp: an mtime set here to the nanosecond is one no later write leaves behind."""
+    now = time.time_ns()
+    try:
+        os.utime(fd, ns=(now, now))
+    except OSError:
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, now)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -316,7 +361,14 @@ class DiskCache:
     # -- read and write (blocking: call from a worker thread)
 
     def get(self, chunk: Chunk) -> VerifiedChunk | None:
-        """The chunk from disk, verified; None if absent or bad (a bad file is removed)."""
+        """The chunk from disk, verified; None if absent or bad (a bad file is removed).
+
+        A file this process wrote (after the chunk's digest check) or already checked once
+        is trusted while it keeps the stamp it had then (inode, size, and the mtime set
+        here to the nanosecond): only its length is checked. Any other file (from an
+        earlier run, possibly torn by a power cut; replaced or rewritten since) has its
+        sha256 checked before a byte of it is used.
+        """
         name = chunk.digest.hex()
         path = self.path(name)
         with self.pinned(chunk.digest) as present:
@@ -325,9 +377,19 @@ class DiskCache:
                     self.stats.misses += 1
                 return None
             try:
-                with open(path, "rb") as f:
-                    data = f.read(chunk.ulen + 1)  # one more: a longer file is caught too
-                v = verify_data(chunk, data)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    data = _read_fd(fd, chunk.ulen + 1)  # one more: a longer file is caught too
+                    st = os.fstat(fd)  # after the read: a write in between changed the mtime
+                    with self._lock:
+                        entry = self._entries.get(name)
+                        trusted = entry is not None and entry.verified == (st.st_ino, st.st_size, st.st_mtime_ns)
+                        if trusted:
+                            self.stats.trusted_hits += 1
+                    v = VerifiedChunk(chunk, data) if trusted and len(data) == chunk.ulen else verify_data(chunk, data)
+                    stamp = _stamp(fd, st)  # also the access order, which survives a restart
+                finally:
+                    os.close(fd)
             except FileNotFoundError:
                 self._forget(name, unlink=False)
                 with self._lock:
@@ -340,11 +402,11 @@ class DiskCache:
                     self.stats.corrupt += 1
                     self.stats.misses += 1
                 return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # the access order survives a restart
         with self._lock:
             self.stats.hits += 1
-            if name in self._entries:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.verified = stamp
                 self._entries.move_to_end(name)
         return v
 
@@ -366,6 +428,7 @@ class DiskCache:
                     view = view[os.write(fd, view) :]
                 if self.fsync:
                     os.fsync(fd)
+                stamp = _stamp(fd, os.fstat(fd))
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -385,9 +448,11 @@ class DiskCache:
         usage = _usage(len(v.data))
         with self._lock:
             self.stats.writes += 1
-            if name not in self._entries:
-                self._entries[name] = _Entry(usage)
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._entries[name] = _Entry(usage)
                 self._bytes += usage
+            entry.verified = stamp  # the file holds v.data, whose digest was checked
             self._entries.move_to_end(name)
             self._evict_locked()
         return True

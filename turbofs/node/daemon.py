@@ -45,7 +45,7 @@ from turbofs.mountctl import (
     state_dir,
     unmount,
 )
-from turbofs.node import erofsfs
+from turbofs.node import erofsfs, memory
 from turbofs.node.cache import ChunkCache
 from turbofs.node.fusefs import TurboFS, fuse_options
 from turbofs.node.metrics import NodeMetrics
@@ -92,6 +92,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
             "mode": self.mode,
+            "memory": memory.rss_figures(),
         }
         if self.erofs is not None:
             out["erofs"] = self.erofs.status()
@@ -174,6 +175,7 @@ class Daemon:
     async def _prefetch(self) -> None:
         assert self.prefetcher is not None
         await self.prefetcher.run()
+        memory.trim()  # the prefetch's buffers are gone: give their pages back
         await self.ready.wait()  # "prefetched" never comes before "ready"
         self.notify("prefetched")
 
@@ -191,6 +193,7 @@ class Daemon:
             async with ChunkReader(opened.index, opened.source, cache, req.cfg, metrics=self.metrics, name=req.ref) as reader:
                 self.reader = reader
                 image = await self._erofs_image(opened.index)
+                memory.trim()  # the metadata build's temporary objects
                 if image is not None:
                     self.mode = "erofs"
                     self.ops = erofsfs.ErofsFileFS(image, reader, name=req.ref)
@@ -234,7 +237,8 @@ class Daemon:
                 raise TurboError(f"{why_not}: mount with --mode fuse")
             return None
         try:
-            return await trio.to_thread.run_sync(erofsfs.prepare, index)
+            cache_dir = self.req.cfg.cache_dir
+            return await trio.to_thread.run_sync(lambda: erofsfs.prepare(index, cache_dir=cache_dir))
         except ErofsError as exc:
             if mode == "erofs":
                 raise TurboError(f"{self.req.ref}: refusing to serve it as erofs: {exc}") from None
@@ -254,6 +258,7 @@ def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:
         else:
             print(f"turbofs: {event}: {req.ref} at {req.mountpoint}", file=sys.stderr, flush=True)
 
+    memory.tune_allocator()  # before any worker thread: RSS = RAM bound + a fixed overhead
     try:
         trio.run(Daemon(req, notify).run)
     finally:
