@@ -8,6 +8,7 @@ names each chunk's blob by digest. :func:`parse_manifest` checks that these agre
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,24 @@ class TurboManifest:
     annotations: dict[str, str]
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (a context per chunk would allocate one each time; a
+    decompressor is not safe to share between threads)."""
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def decompress_chunk(chunk: fmt.Chunk, frame: bytes) -> bytes:
     """Decompress one chunk's zstd frame and check it against the chunk digest."""
     if len(frame) != chunk.clen:
         raise DigestMismatch(f"chunk {chunk.digest.hex()}: got {len(frame)} of {chunk.clen} compressed bytes")
     try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=chunk.ulen)
+        data = _decompressor().decompress(frame, max_output_size=chunk.ulen)
     except zstandard.ZstdError as exc:
         raise DigestMismatch(f"chunk {chunk.digest.hex()}: does not decompress ({exc})") from None
     if len(data) != chunk.ulen or fmt.chunk_digest(data) != chunk.digest:
