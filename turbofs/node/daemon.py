@@ -192,32 +192,21 @@ class Daemon:
         try:
             async with ChunkReader(opened.index, opened.source, cache, req.cfg, metrics=self.metrics, name=req.ref) as reader:
                 self.reader = reader
-                image = await self._erofs_image(opened.index)
-                memory.trim()  # the metadata build's temporary objects
-                if image is not None:
-                    self.mode = "erofs"
-                    self.ops = erofsfs.ErofsFileFS(image, reader, name=req.ref)
-                    self.erofs = erofsfs.ErofsMount(self.state, req.mountpoint, image, readahead_kb=req.readahead_kb)
-                    fuse_at, options = self.erofs.prepare_dir(), erofsfs.hidden_options(name)
-                else:
-                    self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
-                    fuse_at, options = req.mountpoint, fuse_options(name, allow_other=req.allow_other)
                 if req.cfg.prefetch and req.cfg.cache_dir is not None:
                     self.prefetcher = Prefetcher(reader, req.cfg)
-                pyfuse3.init(self.ops, str(fuse_at), options)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(self._control)
-                        nursery.start_soon(self._signals)
-                        nursery.start_soon(self._handshake)
-                        if self.prefetcher is not None:
-                            nursery.start_soon(self._prefetch)
-                        await pyfuse3.main()
-                        nursery.cancel_scope.cancel()
-                finally:
-                    if self.erofs is not None:
-                        self.erofs.stop()
-                    pyfuse3.close(unmount=self.erofs is None or self.erofs.hidden_mounted)
+                failed: Exception | None = None
+                async with trio.open_nursery() as outer:
+                    # the prefetch (a recorded startup's chunks first) starts now, while the
+                    # erofs metadata is built in a worker thread: the link is busy sooner
+                    if self.prefetcher is not None:
+                        outer.start_soon(self._prefetch)
+                    try:
+                        await self._serve(reader, opened, name)
+                    except Exception as exc:  # raised below as itself, not in a nursery's group
+                        failed = exc
+                    outer.cancel_scope.cancel()
+                if failed is not None:
+                    raise failed
                 if self.failure is not None:
                     raise self.failure
         finally:
@@ -225,6 +214,32 @@ class Daemon:
             for leftover in ("control.sock", "pid"):
                 with contextlib.suppress(FileNotFoundError):
                     (self.state / leftover).unlink()
+
+    async def _serve(self, reader: ChunkReader, opened: OpenedImage, name: str) -> None:
+        """Build the presentation, mount it, and serve until it is unmounted."""
+        req = self.req
+        image = await self._erofs_image(opened.index)
+        memory.trim()  # the metadata build's temporary objects
+        if image is not None:
+            self.mode = "erofs"
+            self.ops = erofsfs.ErofsFileFS(image, reader, name=req.ref)
+            self.erofs = erofsfs.ErofsMount(self.state, req.mountpoint, image, readahead_kb=req.readahead_kb)
+            fuse_at, options = self.erofs.prepare_dir(), erofsfs.hidden_options(name)
+        else:
+            self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
+            fuse_at, options = req.mountpoint, fuse_options(name, allow_other=req.allow_other)
+        pyfuse3.init(self.ops, str(fuse_at), options)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._control)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._handshake)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.erofs is not None:
+                self.erofs.stop()
+            pyfuse3.close(unmount=self.erofs is None or self.erofs.hidden_mounted)
 
     async def _erofs_image(self, index: Index) -> ErofsImage | None:
         """The erofs image to serve, or None for the per-file FUSE mode (``cfg.mode``)."""
