@@ -23,7 +23,7 @@ from turbofs.config import BuildConfig
 from turbofs.errors import UsageError
 from turbofs.image import open_layout_image
 from turbofs.node.cache import ChunkCache
-from turbofs.node.prefetch import Prefetcher, PrefetchState
+from turbofs.node.prefetch import BATCH_EXPANSION, Prefetcher, PrefetchState
 from turbofs.node.reader import ChunkReader
 from turbofs.node.source import open_image
 
@@ -254,3 +254,30 @@ def test_trace_of_a_mount_rebuilds_into_a_startup_section(
     assert status["prefetch"]["startup_chunks"] == len(doc["chunks"])
     for p, data in FILES.items():
         assert (mp2 / p).read_bytes() == data
+
+
+def test_prefetch_batches_are_bounded_uncompressed_too(tmp_path: Path) -> None:
+    # very compressible chunks: 4 MiB of compressed batch would hold far more than 16 MiB
+    entries = [TarEntry("d", "dir", mode=0o755)]
+    entries += [TarEntry(f"d/f{i}", data=bytes([65 + i]) * (3 * CS)) for i in range(20)]
+    write_oci_layout(tmp_path / "src", [entries])
+    build(f"oci:{tmp_path / 'src'}:latest", tmp_path / "turbo", CFG, progress=False)
+
+    async def main() -> None:
+        opened = await open_image(str(tmp_path / "turbo"))
+        try:
+            cfg = _cfg(tmp_path / "c", prefetch_batch_bytes=4096)
+            async with ChunkReader(opened.index, opened.source, ChunkCache.from_config(cfg), cfg) as reader:
+                p = Prefetcher(reader)
+                chunks = [opened.index.chunk(i) for i in opened.index.prefetch_order()]
+                assert sum(c.ulen for c in chunks) > 8 * 4 * 4096 > sum(c.clen for c in chunks)
+                batches = list(p._batches(chunks, 4096))
+                assert [c for b in batches for c in b] == chunks
+                for b in batches:
+                    assert len(b) == 1 or (sum(c.clen for c in b) <= 4096
+                                           and sum(c.ulen for c in b) <= 4096 * BATCH_EXPANSION)
+                assert len(batches) > 1
+        finally:
+            await opened.source.aclose()
+
+    trio.run(main)

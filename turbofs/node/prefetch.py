@@ -111,6 +111,9 @@ class TokenBucket:
             await trio.sleep(-self._tokens / self.rate)
 
 
+#: A prefetch batch holds at most this many times its compressed bound in uncompressed bytes.
+BATCH_EXPANSION = 4
+
 #: Seconds of the bandwidth cap that may be spent at once after an idle spell.
 BUCKET_BURST_SECONDS = 0.25
 
@@ -241,22 +244,25 @@ class Prefetcher:
                 nursery.start_soon(self._worker, batches, startup)
 
     def _batches(self, chunks: Sequence[Chunk], max_bytes: int) -> Iterator[list[Chunk]]:
-        """Consecutive ``chunks`` not cached yet, ``max_bytes`` at most per batch. Lazy: what
-        reads cached meanwhile is skipped."""
+        """Consecutive ``chunks`` not cached yet, ``max_bytes`` compressed at most per batch
+        (and ``BATCH_EXPANSION`` times that uncompressed: a batch is held decompressed
+        until its chunks are on disk, and very compressible data would otherwise make one
+        batch large in memory). Lazy: what reads cached meanwhile is skipped."""
         cache = self.reader.cache
         batch: list[Chunk] = []
-        size = 0
+        size = usize = 0
         for c in chunks:
             if self._stop:
                 return
             if cache.contains(c):
                 self._done_chunk(c, fetched=False)
                 continue
-            if batch and size + c.clen > max_bytes:
+            if batch and (size + c.clen > max_bytes or usize + c.ulen > max_bytes * BATCH_EXPANSION):
                 yield batch
-                batch, size = [], 0
+                batch, size, usize = [], 0, 0
             batch.append(c)
             size += c.clen
+            usize += c.ulen
         if batch and not self._stop:
             yield batch
 
@@ -320,4 +326,4 @@ class Prefetcher:
             batch = retry
 
 
-__all__ = ["BUCKET_BURST_SECONDS", "PrefetchProgress", "PrefetchState", "Prefetcher", "TokenBucket"]
+__all__ = ["BATCH_EXPANSION", "BUCKET_BURST_SECONDS", "PrefetchProgress", "PrefetchState", "Prefetcher", "TokenBucket"]
