@@ -725,3 +725,137 @@ def test_mode_setting_is_checked() -> None:
     proc = subprocess.run([sys.executable, "-m", "turbofs.cli", "mount", "x", "/nonexistent", "--mode", "nfs"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "--mode" in proc.stderr
+
+
+# -- a recorded startup's chunks pushed into the image file's page cache ------------------
+
+STARTUP_FILES: dict[str, bytes] = {
+    "app/main.bin": _piece(101, 3 * CS + 5000),  # several chunks, a partial last block
+    "app/lib.so": _piece(102, 2 * CS),
+    **{f"app/conf{i}.txt": _piece(110 + i, 700 + 1500 * i) for i in range(6)},  # packed small files
+}
+OTHER_FILES: dict[str, bytes] = {"data/later.bin": _piece(120, 4 * CS), "data/note.txt": b"not in the startup\n"}
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> LayoutImage:
+    """An image built with a recorded startup (a path list) that reads STARTUP_FILES."""
+    from tests.ocifixtures import write_oci_layout
+    from turbofs import trace
+
+    base = tmp_path_factory.mktemp("traced")
+    entries = [TarEntry(name, "dir", mode=0o755) for name in ("app", "data")]
+    entries += [TarEntry(p, data=b) for p, b in {**STARTUP_FILES, **OTHER_FILES}.items()]
+    src = write_oci_layout(base / "src", [entries])
+    startup = trace.StartupTrace(paths=[os.fsencode("/" + p) for p in STARTUP_FILES])
+    build(f"oci:{src.layout}:latest", base / "turbo", BuildConfig(chunk_size=CS), progress=False,
+          startup_trace=startup)
+    return open_layout_image(base / "turbo")
+
+
+def test_startup_chunks_reach_the_hook_once_with_their_bytes(traced: LayoutImage, tmp_path: Path) -> None:
+    """The reader calls ``on_startup_chunk`` for each chunk of the startup phase (verified
+    bytes), never for the background phase's chunks; the store pushes each at its blocks."""
+    import trio
+
+    from tests.test_node_core import _cfg
+    from turbofs.node.cache import ChunkCache
+    from turbofs.node.prefetch import Prefetcher
+    from turbofs.node.reader import ChunkReader
+    from turbofs.node.source import open_image
+
+    index = traced.index
+    startup = index.startup_chunks()
+    assert startup and len(startup) < index.n_chunks
+    image = build_erofs(index)
+    pushed: list[tuple[int, int, bytes]] = []
+    store = erofsfs.PageCacheStore(image, notify=lambda ino, off, data: pushed.append((ino, off, bytes(data))))
+    store.put(index.chunk(startup[0]), b"early")  # before the FUSE file is live: not pushed
+    store.go_live()
+    seen: list[tuple[int, bytes]] = []
+
+    def hook(chunk: fmt.Chunk, data: bytes) -> None:
+        seen.append((chunk.id, data))
+        store.put(chunk, data)
+
+    async def run() -> None:
+        opened = await open_image(str(traced.root))
+        cfg = _cfg(tmp_path / "cache")
+        try:
+            async with ChunkReader(opened.index, opened.source, ChunkCache.from_config(cfg), cfg) as reader:
+                reader.on_startup_chunk = hook
+                await Prefetcher(reader).run()
+        finally:
+            await opened.source.aclose()
+
+    trio.run(run)
+    ids = [cid for cid, _ in seen]
+    assert sorted(ids) == sorted(startup) and len(set(ids)) == len(ids)  # each once, nothing else
+    for cid, data in seen:
+        assert hashlib.sha256(data).digest() == index.chunk(cid).digest
+    deadline = time.monotonic() + 10  # the pushes run in the store's thread
+    while image.stats["stored_chunks"] < len(startup) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    store.stop()
+    assert image.stats["stored_chunks"] == len(startup) == len(pushed)
+    for (ino, off, data), (cid, chunk_data) in zip(pushed, seen, strict=True):
+        assert ino == erofsfs.IMAGE_INO
+        assert off == image.chunk_blocks[cid] * d.BLOCK_SIZE and len(data) % d.BLOCK_SIZE == 0
+        want = b"".join(e.data if e.data is not None else
+                        (chunk_data[e.chunk_offset : e.chunk_offset + e.length] if e.chunk else bytes(e.length))
+                        for e in image.read(off, len(data)))
+        assert data == want  # what a FUSE read of those bytes would answer
+    store.put(index.chunk(startup[0]), b"x")  # after stop: ignored
+    assert image.stats["stored_chunks"] == len(startup)
+
+
+def _mount_with(mounter: Mounter, img: LayoutImage, name: str, settings: str) -> Path:
+    cfg = mounter.base / f"{name}.toml"
+    cfg.write_text(f"[daemon]\n{settings}\n")
+    mp = mounter.base / name
+    mp.mkdir()
+    mounter.cli("--config", str(cfg), "mount", f"oci:{img.root}", str(mp), "--mode", "erofs",
+                "--run-dir", str(mounter.run_dir), "--cache-dir", str(mounter.base / f"{name}-cache"))
+    mounter.mounts.append(mp)
+    return mp
+
+
+def _after_startup_phase(mounter: Mounter, mp: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        status = mounter.status(mp)
+        p, e = status.get("prefetch", {}), status["erofs"]
+        if p.get("startup_seconds") is not None and (
+            not e.get("startup_notify_store") or e["stored_chunks"] + e["store_errors"] >= p["startup_chunks"]
+        ):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+@needs_fuse
+@needs_root
+@needs_erofs
+def test_startup_chunks_pushed_into_the_page_cache_spare_fuse_reads(mounter: Mounter, traced: LayoutImage) -> None:
+    """With ``startup_notify_store``, reading the startup's files after the startup phase
+    sends no FUSE read (the kernel has their bytes), and the bytes are right; without it,
+    the same reads go to the daemon."""
+    reads: dict[bool, int] = {}
+    for on in (True, False):
+        mp = _mount_with(mounter, traced, f"store-{on}", f"startup_notify_store = {str(on).lower()}\nprefetch_quiet = 30")
+        status = _after_startup_phase(mounter, mp)
+        n_startup = status["prefetch"]["startup_chunks"]
+        assert n_startup == len(traced.index.startup_chunks())
+        if on:
+            assert status["erofs"]["stored_chunks"] == n_startup and status["erofs"]["store_errors"] == 0
+        else:
+            assert "stored_chunks" not in status["erofs"]
+        before = status["fuse_requests"].get("read", 0)
+        for path, data in STARTUP_FILES.items():
+            assert (mp / path).read_bytes() == data
+        reads[on] = mounter.status(mp)["fuse_requests"].get("read", 0) - before
+        # files outside the startup still come through the daemon, right
+        assert (mp / "data" / "later.bin").read_bytes() == OTHER_FILES["data/later.bin"]
+        mounter.umount(mp)
+    assert reads[True] == 0, reads
+    assert reads[False] > 0, reads

@@ -96,6 +96,14 @@ DEFAULT_PREFETCH_QUIET: Final = 0.5
 #: Compressed bytes per fetch of a recorded startup's chunks: they are adjacent in the
 #: blobs, and smaller batches keep them arriving in the order the startup reads them.
 DEFAULT_PREFETCH_STARTUP_BATCH_BYTES: Final = 1 * MiB
+#: erofs mode: push each recorded-startup chunk, once in, into the kernel's page cache of
+#: the image file (FUSE notify_store), so erofs's reads of it never reach the daemon. Off:
+#: measured with bench/erofs_bench.py coldstart (python-1g traced, 1 Gbit/s, 6 interleaved
+#: pairs; bench/README.md, "A recorded startup's chunks pushed into the page cache") it cuts
+#: FUSE reads at READY from ~2,000 to ~15 and the app's time 2.7 -> 2.3 s, but READY stayed
+#: 4.3 s (more time before the app, +0.4-0.6 GB page cache); it helped (5.6 -> 4.2 s) only
+#: before the prefetch started ahead of the metadata build.
+DEFAULT_STARTUP_NOTIFY_STORE: Final = False
 DEFAULT_PREFETCH_BACKOFF: Final = 1.0  # seconds after a failed prefetch fetch, doubled per failure
 DEFAULT_PREFETCH_BACKOFF_MAX: Final = 60.0
 #: Prefetch stops once it has written this share of the disk cache bound (it would
@@ -110,12 +118,17 @@ DEFAULT_MOUNT_MODE: Final = "auto"
 #: index, a few MB per 100,000 files), so a second mount of an image skips the build; least
 #: recently used files go beyond this many bytes (turbofs/erofs/cache.py).
 DEFAULT_EROFS_META_CACHE_BYTES: Final = 512 * MiB
-#: Readahead of the files of an erofs mount (its bdi's read_ahead_kb; 0: the kernel's, 128
-#: KiB). The FUSE file under it has its own (``readahead_kb`` of the mount). Measured with
-#: bench/erofs_bench.py (bench/README.md, "erofs"): see there for the figures.
+#: Readahead of the files of an erofs mount (its bdi's read_ahead_kb; 0: leave the kernel's
+#: 128 KiB). The FUSE image file under it has its own, 1 MiB (the mount's ``readahead_kb``):
+#: with erofs reading that file buffered, the FUSE file's readahead sets the request size
+#: (128 KiB there: 7.8x the FUSE reads of a 434 MB file, +0.9 s of daemon CPU), and erofs's
+#: own 1 MiB changed neither requests nor CPU (bench/erofs_bench.py, bench/README.md "erofs
+#: readahead and caching"): the kernel's value stays.
 DEFAULT_EROFS_READAHEAD_KB: Final = 0
-#: Options of the erofs mount. "directio" (the image file read with O_DIRECT, so its bytes
-#: are not cached a second time under erofs's own page cache) is measured there too.
+#: Options of the erofs mount. "directio" (erofs reads the image file with O_DIRECT) saves
+#: one page-cache copy of what is read (~0.5 GB for python-1g's startup files) but took
+#: 3.3-5.4x the FUSE reads and 0.4-1.2 s more daemon CPU for them, and it would defeat the
+#: startup page-cache push (``startup_notify_store``): off (same measurement).
 DEFAULT_EROFS_MOUNT_OPTIONS: Final = ""
 
 #: The containerd snapshotter (``turbofs snapshotter``, TOML table ``[snapshotter]``).
@@ -252,6 +265,7 @@ class DaemonConfig:
     prefetch_backoff: float = DEFAULT_PREFETCH_BACKOFF
     prefetch_backoff_max: float = DEFAULT_PREFETCH_BACKOFF_MAX
     prefetch_disk_share: float = DEFAULT_PREFETCH_DISK_SHARE
+    startup_notify_store: bool = DEFAULT_STARTUP_NOTIFY_STORE  # erofs mode only
     mode: str = DEFAULT_MOUNT_MODE
 
     def validate(self) -> DaemonConfig:

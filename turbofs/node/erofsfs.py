@@ -22,6 +22,16 @@ metrics are the per-file mode's) and zeros. Errors become errno values in one pl
 Metadata (:func:`prepare`): built from the index and checked, or loaded from the node's
 cache folder (``<cache_dir>/erofs/``, turbofs/erofs/cache.py) and checked the same way.
 
+Startup chunks into the page cache (``[daemon] startup_notify_store``, off by default: see
+bench/README.md; :class:`PageCacheStore`):
+erofs reads the image file buffered (``directio`` off), through the FUSE file's page cache.
+Each chunk of a recorded startup that the prefetcher brings in is pushed into that page
+cache (``pyfuse3.notify_store`` of the chunk's block range of the image file, zero-padded
+to whole blocks, as reads serve it), so the startup's reads of it are answered by the
+kernel without a FUSE request. The pushes run in a thread of their own: the kernel locks the
+pages it stores into, and a page under a FUSE read stays locked until the daemon's main
+loop answers that read.
+
 O_DIRECT: ``open(O_DIRECT)`` of a file on a file-backed erofs mount fails with EINVAL (Linux
 6.18: erofs does direct I/O only on a block device, and the flag is refused at open; the
 ``directio`` mount option is about how erofs reads the image file, not about its users).
@@ -37,11 +47,13 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import re
 import stat
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -53,11 +65,15 @@ from turbofs.config import (
     DEFAULT_EROFS_META_CACHE_BYTES,
     DEFAULT_EROFS_MOUNT_OPTIONS,
     DEFAULT_EROFS_READAHEAD_KB,
+    DaemonConfig,
 )
 from turbofs.erofs import ErofsCorrupt, ErofsImage, build_erofs, check_erofs
 from turbofs.erofs import cache as meta_cache
+from turbofs.erofs import ondisk as d
 from turbofs.errors import TurboError
+from turbofs.node.cache import ChunkCache
 from turbofs.node.fusefs import errno_of
+from turbofs.node.metrics import NodeMetrics
 
 log = logging.getLogger("turbofs.erofs")
 
@@ -80,9 +96,107 @@ _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_A
 
 
 class ChunkReaderLike(Protocol):
+    cfg: DaemonConfig
+    cache: ChunkCache
+    metrics: NodeMetrics
+    on_startup_chunk: Callable[[fmt.Chunk, bytes], None] | None
+
     async def read_chunks(self, chunks: Sequence[fmt.Chunk], *, ino: int | None = None) -> dict[int, bytes]: ...
 
     def read_ahead(self, chunks: Sequence[fmt.Chunk]) -> int: ...
+
+
+#: Seconds :func:`stop_page_cache_stores` waits for a push under way (one blocked on a page
+#: that a read holds locked, with no main loop left to answer it, is left behind).
+STORE_STOP_WAIT: Final = 2.0
+
+
+class PageCacheStore:
+    """Pushes chunks into the kernel's page cache of the image file, in a thread of its own.
+
+    :meth:`put` never blocks (the reader calls it from trio's loop). Until :meth:`go_live`
+    (the kernel has looked the image file up: the FUSE session runs and knows its inode)
+    chunks are not pushed, since the prefetch may start before the FUSE mount exists; the
+    caller hands the chunks that came in meanwhile to :meth:`go_live`. pyfuse3's session is
+    one per process, so :func:`stop_page_cache_stores` (called by :meth:`ErofsMount.stop`,
+    before the daemon closes the session) stops every store of the process.
+    """
+
+    _live: Final[set[PageCacheStore]] = set()
+    _live_lock: Final = threading.Lock()
+
+    def __init__(self, image: ErofsImage, *, name: str = "turbofs",
+                 notify: Callable[[int, int, bytes], None] | None = None) -> None:
+        self.image = image
+        self.name = name
+        self._notify = notify or pyfuse3.notify_store
+        self._queue: queue.SimpleQueue[tuple[fmt.Chunk, bytes] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # held while a push runs
+        self._stopped = False
+        self.live = False
+        self._thread: threading.Thread | None = None
+        #: in the image's figures (``turbofs status``: ``erofs``)
+        self.stats = image.stats
+        self.stats.update({"startup_notify_store": 1, "stored_chunks": 0, "stored_bytes": 0, "store_errors": 0})
+
+    def put(self, chunk: fmt.Chunk, data: bytes) -> None:
+        if self._stopped or not self.live:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="turbofs-page-cache-store", daemon=True)
+            with PageCacheStore._live_lock:
+                PageCacheStore._live.add(self)
+            self._thread.start()
+        self._queue.put((chunk, data))
+
+    def go_live(self, backlog: Iterable[tuple[fmt.Chunk, bytes]] = ()) -> None:
+        """Push from now on, starting with ``backlog`` (chunks that came in before)."""
+        self.live = True
+        for chunk, data in backlog:
+            self.put(chunk, data)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            chunk, data = item
+            with self._lock:
+                if self._stopped:
+                    return
+                self._push(chunk, data)
+
+    def _push(self, chunk: fmt.Chunk, data: bytes) -> None:
+        offset = self.image.chunk_blocks[chunk.id] * d.BLOCK_SIZE
+        pad = d.blocks_of(len(data)) * d.BLOCK_SIZE - len(data)
+        try:
+            self._notify(IMAGE_INO, offset, data + bytes(pad) if pad else data)
+        except OSError as exc:
+            self.stats["store_errors"] += 1
+            if self.stats["store_errors"] == 1:
+                log.warning("%s: cannot push chunk %d into the page cache: %s", self.name, chunk.id, exc)
+            return
+        self.stats["stored_chunks"] += 1
+        self.stats["stored_bytes"] += len(data) + pad
+
+    def stop(self, wait: float = STORE_STOP_WAIT) -> None:
+        """No push after this returns (unless one was stuck for ``wait`` seconds)."""
+        self._stopped = True
+        self._queue.put(None)
+        if self._lock.acquire(timeout=wait):
+            self._lock.release()
+        else:
+            log.warning("%s: a page cache push did not finish in %g s", self.name, wait)
+        with PageCacheStore._live_lock:
+            PageCacheStore._live.discard(self)
+
+
+def stop_page_cache_stores() -> None:
+    """Stop every :class:`PageCacheStore` of this process (before pyfuse3.close)."""
+    with PageCacheStore._live_lock:
+        stores = list(PageCacheStore._live)
+    for store in stores:
+        store.stop()
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -99,7 +213,8 @@ class ErofsFileFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, image: ErofsImage, reader: ChunkReaderLike, *, name: str = "turbofs", readahead: int = READAHEAD_BYTES
+        self, image: ErofsImage, reader: ChunkReaderLike, *, name: str = "turbofs", readahead: int = READAHEAD_BYTES,
+        store_startup: bool | None = None,
     ) -> None:
         super().__init__()
         self.image = image
@@ -110,6 +225,11 @@ class ErofsFileFS(pyfuse3.Operations):
         self._streak = 0
         self.counts: dict[str, int] = {}
         self.bytes_served = {"meta": 0, "data": 0, "zeros": 0}
+        #: recorded-startup chunks pushed into the image file's page cache (None: off)
+        self.store: PageCacheStore | None = None
+        if reader.cfg.startup_notify_store if store_startup is None else store_startup:
+            self.store = PageCacheStore(image, name=name)
+            reader.on_startup_chunk = self.store.put
 
     def _count(self, op: str) -> None:
         self.counts[op] = self.counts.get(op, 0) + 1
@@ -161,10 +281,28 @@ class ErofsFileFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
+    def _store_go_live(self) -> None:
+        """The kernel reads the image file: the startup chunks that came in before (still
+        in the RAM tier) are pushed now, the others as they come."""
+        assert self.store is not None
+        chunks = self.image.data.chunks
+        ram = self.reader.cache.ram
+        backlog = []
+        for cid in self.image.index.startup_chunks():
+            data = ram.get(chunks[cid].digest)
+            if data is not None:
+                backlog.append((chunks[cid], data))
+        self.store.go_live(backlog)
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self._count("read")
+        if self.store is not None and not self.store.live:
+            self._store_go_live()
         try:
-            return await self._read(off, size)
+            out = await self._read(off, size)
+            self.reader.metrics.reads.inc()
+            self.reader.metrics.read_bytes.inc(len(out))
+            return out
         except pyfuse3.FUSEError:
             raise
         except BaseException as exc:
@@ -517,7 +655,9 @@ class ErofsMount:
         return new.pop()
 
     def stop(self) -> None:
-        """Detach the erofs mount (for signals and errors); the FUSE session ends with it."""
+        """Detach the erofs mount (for signals and errors); the FUSE session ends with it.
+        Also stops the page cache pushes, which must not outlive the FUSE session."""
+        stop_page_cache_stores()
         if self.how is not None:
             if _is_our_erofs(self.target, self.hidden):
                 with contextlib.suppress(OSError):
@@ -537,6 +677,7 @@ __all__ = [
     "IMAGE_NAME",
     "ErofsFileFS",
     "ErofsMount",
+    "PageCacheStore",
     "cannot_mount_erofs",
     "clean_stale",
     "hidden_options",

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -150,6 +150,9 @@ class ChunkReader:
         self._paths: dict[int, str] | None = None
         self._last_failure: tuple[float, str] | None = None
         self._trace: dict[int, None] = {}  # chunk ids in the order reads first asked for them
+        #: Called with each chunk of a recorded startup (FetchKind.STARTUP) once it is in,
+        #: and its bytes; must not block (the erofs mode pushes them into the page cache).
+        self.on_startup_chunk: Callable[[Chunk, bytes], None] | None = None
 
     # -- lifetime
 
@@ -333,6 +336,11 @@ class ChunkReader:
             elif flight.waiters:  # a read joined the prefetch: it wants the bytes, and in RAM
                 flight.data = result.data
                 self.cache.ram.put(result)
+            if flight.kind is FetchKind.STARTUP and self.on_startup_chunk is not None:
+                try:
+                    self.on_startup_chunk(flight.chunk, result.data)
+                except Exception:
+                    log.exception("%s: the startup chunk hook failed", self.name)
         else:
             flight.move(ChunkState.MISSING)
             flight.error = result
