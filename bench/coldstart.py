@@ -85,19 +85,19 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from bench.mount_bench import fetch_figures, parse_metrics
+from bench.netlink import NetnsLink, tbf_for_rate
 from tests.containerd_fixtures import Containerd
 from tests.registry_fixtures import DistributionRegistry, RegistryProcess, TurbofsRegistry
 from tests.snapshotter_fixtures import SnapshotterProcess, proxy_plugin_toml
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 PYTHON: Final = sys.executable
-NS_REG: Final = "tfscold-reg"
-NS_NODE: Final = "tfscold-node"
-VETH_REG: Final = "tfscold-r"
-VETH_NODE: Final = "tfscold-n"
-ADDR_REG: Final = "10.215.0.1"
-ADDR_NODE: Final = "10.215.0.2"
-NS_PREFIX: Final = 30
+LINK_NAME: Final = "tfscold"
+LINK_SUBNET: Final = "10.215.0"
+NS_REG: Final = f"{LINK_NAME}-reg"
+NS_NODE: Final = f"{LINK_NAME}-node"
+ADDR_REG: Final = f"{LINK_SUBNET}.1"
+ADDR_NODE: Final = f"{LINK_SUBNET}.2"
 PORT_DISTRIBUTION: Final = 5000
 PORT_TURBOFS: Final = 5050
 CLONE_NEWNET: Final = 0x40000000
@@ -192,45 +192,18 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-class Link:
-    """Two namespaces joined by a veth pair, tbf on both egresses unless unshaped."""
+class Link(NetnsLink):
+    """The benchmark's two namespaces, tbf on both egresses unless unshaped; this process can
+    enter the node namespace (only its network namespace)."""
 
     def __init__(self, rate_bps: int | None) -> None:
+        super().__init__(LINK_NAME, LINK_SUBNET, None if rate_bps is None else tbf_for_rate(rate_bps))
         self.rate_bps = rate_bps
         self._home: int | None = None
 
-    @staticmethod
-    def _exists(ns: str) -> bool:
-        return Path(f"/run/netns/{ns}").exists()
-
-    def tbf(self) -> list[str]:
-        assert self.rate_bps is not None
-        # burst: at least rate/HZ (250) and a few jumbo frames; 50 ms of queue
-        burst = max(256 * 1024, self.rate_bps // 8 // 250)
-        return ["tbf", "rate", f"{self.rate_bps}bit", "burst", str(burst), "latency", "50ms"]
-
     def setup(self) -> dict[str, Any]:
-        self.teardown()  # a killed run may have left them
-        cmds = [
-            ["ip", "netns", "add", NS_REG],
-            ["ip", "netns", "add", NS_NODE],
-            ["ip", "-n", NS_REG, "link", "add", VETH_REG, "type", "veth", "peer", "name", VETH_NODE,
-             "netns", NS_NODE],
-            ["ip", "-n", NS_REG, "addr", "add", f"{ADDR_REG}/{NS_PREFIX}", "dev", VETH_REG],
-            ["ip", "-n", NS_NODE, "addr", "add", f"{ADDR_NODE}/{NS_PREFIX}", "dev", VETH_NODE],
-            ["ip", "-n", NS_REG, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_NODE, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_REG, "link", "set", VETH_REG, "up"],
-            ["ip", "-n", NS_NODE, "link", "set", VETH_NODE, "up"],
-        ]
-        if self.rate_bps is not None:
-            cmds += [["tc", "-n", NS_REG, "qdisc", "add", "dev", VETH_REG, "root", *self.tbf()],
-                     ["tc", "-n", NS_NODE, "qdisc", "add", "dev", VETH_NODE, "root", *self.tbf()]]
-        for argv in cmds:
-            run_cmd(argv)
-        qdisc = run_cmd(["tc", "-n", NS_REG, "qdisc", "show", "dev", VETH_REG]).stdout.strip()
-        return {"namespaces": [NS_REG, NS_NODE], "registry_address": ADDR_REG, "node_address": ADDR_NODE,
-                "rate_bps": self.rate_bps, "qdisc": qdisc}
+        meta = super().setup()
+        return {**meta, "registry_address": ADDR_REG, "node_address": ADDR_NODE, "rate_bps": self.rate_bps}
 
     def enter_node(self) -> None:
         """Move this process (and so every child it starts from now on) into the node namespace."""
@@ -245,14 +218,7 @@ class Link:
 
     def teardown(self) -> None:
         self.leave_node()
-        for ns in (NS_REG, NS_NODE):
-            if self._exists(ns):
-                run_cmd(["ip", "netns", "del", ns], check=False)
-
-    def rx_bytes(self) -> int:
-        """Bytes the node's end of the veth received so far."""
-        out = run_cmd(["ip", "-n", NS_NODE, "-j", "-s", "link", "show", "dev", VETH_NODE]).stdout
-        return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+        super().teardown()
 
 
 # --------------------------------------------------------------------------- registries

@@ -32,6 +32,12 @@ Images:
     the same with torch 2.14.1's CUDA build and its nvidia-* wheels (cuBLAS, cuDNN,
     NCCL...) from the local package mirrors: about 5 GB uncompressed. The app runs on the
     CPU (no GPU needed); ``import torch`` loads the CUDA libraries all the same.
+``python-10g``
+    python-5g plus a fourth layer of model weights that the startup does not read:
+    ``/models/model-0000N-of-0000M.safetensors``, about 4.5 GB of float16 values drawn from
+    a normal distribution (seeded), compressible like real weights (gzip saves ~10%). Made
+    from python-5g's layout (its blobs are hard-linked) with the layer, config and
+    manifest written here (no umoci: it would unpack 6 GB first).
 
 Building needs root (debootstrap, and umoci to keep ownership and setuid bits)
 and the Debian packages that ``scripts/bootstrap.sh`` installs.
@@ -84,6 +90,11 @@ PYTHON_1G_MIN_BYTES = 1_000_000_000
 # Override with TURBOFS_PY5G_REQUIREMENTS (whitespace separated).
 PYTHON_5G_REQUIREMENTS: tuple[str, ...] = ("torch==2.14.1", "numpy", "scipy", "pandas", "pillow")
 PYTHON_5G_MIN_BYTES = 4_000_000_000
+
+# python-10g: python-5g plus unread model weights.
+PYTHON_10G_WEIGHT_FILES = 9
+PYTHON_10G_WEIGHT_FILE_BYTES = 512 * 1024 * 1024
+PYTHON_10G_MIN_BYTES = 9_000_000_000
 
 _T_START = time.monotonic()
 
@@ -623,6 +634,122 @@ def _build_python_image(layout: Path, work: Path, reqs: Sequence[str], title: st
     image.finish()
 
 
+def _weights(seed: int, size: int, piece: int = 16 << 20) -> Iterator[bytes]:
+    """``size`` bytes of float16 values from a normal distribution (sigma 0.02, like
+    initialised transformer weights), in pieces."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    left = size
+    while left > 0:
+        n = min(piece, left)
+        yield (rng.standard_normal(n // 2, dtype=np.float32) * 0.02).astype(np.float16).tobytes()[:n]
+        left -= n
+
+
+class _Digesting:
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return int(self.raw.write(data))
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def build_python_10g(layout: Path, work: Path) -> None:
+    """Build ``python-10g``: python-5g's layout plus a layer of model weights."""
+    import tarfile
+
+    from isal import igzip
+
+    base = ensure_image("python-5g")
+    index = json.loads((base / "index.json").read_text())
+    (mdesc,) = [m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG]
+    manifest = _read_blob_json(base, mdesc["digest"])
+    config = _read_blob_json(base, manifest["config"]["digest"])
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in (base / "blobs" / "sha256").iterdir():
+        os.link(blob, blobs / blob.name)
+    shutil.copy(base / "oci-layout", layout / "oci-layout")
+    _log(f"layer 4: {PYTHON_10G_WEIGHT_FILES} weight files of {PYTHON_10G_WEIGHT_FILE_BYTES >> 20} MiB")
+    tmp = work / "weights.tar.gz"
+    mtime = 1_700_000_000
+    with tmp.open("wb") as raw:
+        gz_sink = _Digesting(raw)
+        with igzip.IGzipFile(fileobj=gz_sink, mode="wb", compresslevel=1, mtime=0) as gz:  # type: ignore[no-untyped-call]
+            tar_sink = _Digesting(gz)
+            with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                d = tarfile.TarInfo("models")
+                d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, mtime
+                tar.addfile(d)
+                n = PYTHON_10G_WEIGHT_FILES
+                for i in range(n):
+                    info = tarfile.TarInfo(f"models/model-{i + 1:05d}-of-{n:05d}.safetensors")
+                    info.size, info.mode, info.mtime = PYTHON_10G_WEIGHT_FILE_BYTES, 0o644, mtime
+                    tar.addfile(info, _ChainReader(_weights(1000 + i, info.size)))
+                    _log(f"  weights {i + 1}/{n}")
+    layer_digest = "sha256:" + gz_sink.sha.hexdigest()
+    os.replace(tmp, blobs / gz_sink.sha.hexdigest())
+    config = dict(config)
+    config["rootfs"] = {"type": "layers", "diff_ids": [*config["rootfs"]["diff_ids"],
+                                                       "sha256:" + tar_sink.sha.hexdigest()]}
+    config["history"] = [*config.get("history", []), {
+        "created": "2023-11-14T22:13:20Z", "created_by": "turbofs bench: add /models (unread weights)",
+        "comment": "weights"}]
+    config["config"] = dict(config.get("config", {}))
+    config["config"]["Labels"] = {**config["config"].get("Labels", {}),
+                                  "org.opencontainers.image.title": "turbofs-python-10g"}
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    config_digest = hashlib.sha256(config_bytes).hexdigest()
+    (blobs / config_digest).write_bytes(config_bytes)
+    manifest = dict(manifest)
+    manifest["config"] = {**manifest["config"], "digest": "sha256:" + config_digest, "size": len(config_bytes)}
+    manifest["layers"] = [*manifest["layers"], {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                                 "digest": layer_digest, "size": gz_sink.size}]
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+    (blobs / manifest_digest).write_bytes(manifest_bytes)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + manifest_digest,
+        "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": TAG}}]}))
+    # the python-5g blobs that this image does not use (none today) would be garbage: none to remove
+
+
+class _ChainReader:
+    """A file-like ``read`` over an iterator of byte pieces (for tarfile.addfile)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.pieces = pieces
+        self.buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            try:
+                self.buf += next(self.pieces)
+            except StopIteration:
+                break
+        if n < 0:
+            out, self.buf = self.buf, b""
+        else:
+            out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def _check_python_10g(info: dict[str, Any]) -> None:
+    size = int(info["uncompressed_bytes"])
+    if size < PYTHON_10G_MIN_BYTES:
+        raise ImageBuildError(f"python-10g is only {size / 1e9:.2f} GB uncompressed (want >= 9 GB)")
+
+
 def _check_python_1g(info: dict[str, Any]) -> None:
     size = int(info["uncompressed_bytes"])
     if size < PYTHON_1G_MIN_BYTES and "TURBOFS_PY1G_REQUIREMENTS" not in os.environ:
@@ -655,6 +782,8 @@ IMAGES: dict[str, ImageSpec] = {
         ImageSpec("python-1g", build_python_1g, "Debian + torch/numpy venv, > 1 GB", _check_python_1g),
         ImageSpec("python-5g", build_python_5g, "python-1g with torch's CUDA build and nvidia wheels, ~5 GB",
                   _check_python_5g),
+        ImageSpec("python-10g", build_python_10g, "python-5g plus 4.5 GB of model weights the startup does not read",
+                  _check_python_10g),
     )
 }
 

@@ -110,6 +110,7 @@ from bench.build_bench import (
     machine_info,
     write_results,
 )
+from bench.netlink import NetnsLink
 from turbofs.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
@@ -125,13 +126,12 @@ TURBOFS: Final = [PYTHON, "-m", "turbofs.cli"]
 TAG: Final = "latest"
 MB: Final = 1e6
 
-NS_REG: Final = "tfsbench-reg"
-NS_NODE: Final = "tfsbench-node"
-VETH_REG: Final = "tfsb-reg"
-VETH_NODE: Final = "tfsb-node"
-ADDR_REG: Final = "10.213.0.1"
-ADDR_NODE: Final = "10.213.0.2"
-NS_PREFIX: Final = 30
+LINK_NAME: Final = "tfsbench"
+LINK_SUBNET: Final = "10.213.0"
+NS_REG: Final = f"{LINK_NAME}-reg"
+NS_NODE: Final = f"{LINK_NAME}-node"
+ADDR_REG: Final = f"{LINK_SUBNET}.1"
+ADDR_NODE: Final = f"{LINK_SUBNET}.2"
 NS_PORT: Final = 5050
 TBF: Final = ["rate", "1gbit", "burst", "256kb", "latency", "50ms"]
 LINK_BITS: Final = 1e9
@@ -707,48 +707,9 @@ class RssSampler:
 # --------------------------------------------------------------------------- the network namespaces
 
 
-class ShapedLink:
-    """Two network namespaces joined by a veth pair with tbf on both egresses."""
-
-    def __init__(self) -> None:
-        self.up = False
-
-    @staticmethod
-    def _exists(ns: str) -> bool:
-        return Path(f"/run/netns/{ns}").exists()
-
-    def teardown(self) -> None:
-        for ns in (NS_REG, NS_NODE):
-            if self._exists(ns):
-                run_cmd(["ip", "netns", "del", ns], check=False)
-        self.up = False
-
-    def setup(self) -> dict[str, Any]:
-        self.teardown()  # a previous run killed midway may have left them
-        self.up = True
-        cmds = [
-            ["ip", "netns", "add", NS_REG],
-            ["ip", "netns", "add", NS_NODE],
-            ["ip", "-n", NS_REG, "link", "add", VETH_REG, "type", "veth", "peer", "name", VETH_NODE,
-             "netns", NS_NODE],
-            ["ip", "-n", NS_REG, "addr", "add", f"{ADDR_REG}/{NS_PREFIX}", "dev", VETH_REG],
-            ["ip", "-n", NS_NODE, "addr", "add", f"{ADDR_NODE}/{NS_PREFIX}", "dev", VETH_NODE],
-            ["ip", "-n", NS_REG, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_NODE, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_REG, "link", "set", VETH_REG, "up"],
-            ["ip", "-n", NS_NODE, "link", "set", VETH_NODE, "up"],
-            ["tc", "-n", NS_REG, "qdisc", "add", "dev", VETH_REG, "root", "tbf", *TBF],
-            ["tc", "-n", NS_NODE, "qdisc", "add", "dev", VETH_NODE, "root", "tbf", *TBF],
-        ]
-        for argv in cmds:
-            run_cmd(argv)
-        qdisc = run_cmd(["tc", "-n", NS_REG, "qdisc", "show", "dev", VETH_REG]).stdout.strip()
-        return {
-            "namespaces": [NS_REG, NS_NODE],
-            "addresses": {NS_REG: f"{ADDR_REG}/{NS_PREFIX}", NS_NODE: f"{ADDR_NODE}/{NS_PREFIX}"},
-            "tbf": " ".join(TBF),
-            "qdisc": qdisc,
-        }
+def shaped_link() -> NetnsLink:
+    """Two network namespaces joined by a veth pair with tbf (``TBF``) on both egresses."""
+    return NetnsLink(LINK_NAME, LINK_SUBNET, ["tbf", *TBF])
 
 
 # --------------------------------------------------------------------------- 1. mount to ready
@@ -1313,13 +1274,13 @@ def tool_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def workspace(mount_extra: Sequence[str] = ()) -> Iterator[tuple[Path, Mounts, list[Registry], ShapedLink]]:
+def workspace(mount_extra: Sequence[str] = ()) -> Iterator[tuple[Path, Mounts, list[Registry], NetnsLink]]:
     work = Path(tempfile.mkdtemp(prefix="turbofs-mount-bench-"))
     config = work / "empty.toml"
     config.write_text("# defaults only\n")
     mounts = Mounts(work, config, mount_extra)
     registries: list[Registry] = []
-    link = ShapedLink()
+    link = shaped_link()
     try:
         yield work, mounts, registries, link
     finally:

@@ -40,7 +40,6 @@ to ``bench/results/upload.json``; progress to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -59,14 +58,14 @@ from typing import Any, Final
 import httpx
 
 from bench.build_bench import REPO_ROOT, RESULTS_DIR, machine_info, write_results
+from bench.netlink import NetnsLink, tbf_for_rate
 
-NS_REG: Final = "tfsup-reg"
-NS_NODE: Final = "tfsup-node"
-VETH_REG: Final = "tfsup-r"
-VETH_NODE: Final = "tfsup-n"
-ADDR_REG: Final = "10.217.0.1"
-ADDR_NODE: Final = "10.217.0.2"
-PREFIX: Final = 30
+LINK_NAME: Final = "tfsup"
+LINK_SUBNET: Final = "10.217.0"
+NS_REG: Final = f"{LINK_NAME}-reg"
+NS_NODE: Final = f"{LINK_NAME}-node"
+ADDR_REG: Final = f"{LINK_SUBNET}.1"
+ADDR_NODE: Final = f"{LINK_SUBNET}.2"
 FIRST_PORT: Final = 5300
 START_TIMEOUT: Final = 30.0
 READ_SIZE: Final = 1 << 20
@@ -97,38 +96,9 @@ def parse_rate(text: str) -> int:
 # --------------------------------------------------------------------------- the link
 
 
-@contextlib.contextmanager
-def link(rate_bps: int) -> Iterator[dict[str, Any]]:
-    """The two namespaces and the shaped veth pair; removed on exit."""
-
-    def teardown() -> None:
-        for ns in (NS_REG, NS_NODE):
-            if Path(f"/run/netns/{ns}").exists():
-                run_cmd(["ip", "netns", "del", ns], check=False)
-
-    teardown()
-    burst = max(256 * 1024, rate_bps // 8 // 250)
-    tbf = ["tbf", "rate", f"{rate_bps}bit", "burst", str(burst), "latency", "50ms"]
-    try:
-        for argv in (
-            ["ip", "netns", "add", NS_REG],
-            ["ip", "netns", "add", NS_NODE],
-            ["ip", "-n", NS_REG, "link", "add", VETH_REG, "type", "veth", "peer", "name", VETH_NODE,
-             "netns", NS_NODE],
-            ["ip", "-n", NS_REG, "addr", "add", f"{ADDR_REG}/{PREFIX}", "dev", VETH_REG],
-            ["ip", "-n", NS_NODE, "addr", "add", f"{ADDR_NODE}/{PREFIX}", "dev", VETH_NODE],
-            ["ip", "-n", NS_REG, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_NODE, "link", "set", "lo", "up"],
-            ["ip", "-n", NS_REG, "link", "set", VETH_REG, "up"],
-            ["ip", "-n", NS_NODE, "link", "set", VETH_NODE, "up"],
-            ["tc", "-n", NS_REG, "qdisc", "add", "dev", VETH_REG, "root", *tbf],
-            ["tc", "-n", NS_NODE, "qdisc", "add", "dev", VETH_NODE, "root", *tbf],
-        ):  # fmt: skip
-            run_cmd(argv)
-        qdisc = run_cmd(["tc", "-n", NS_REG, "qdisc", "show", "dev", VETH_REG]).stdout.strip()
-        yield {"namespaces": [NS_REG, NS_NODE], "rate_bps": rate_bps, "qdisc": qdisc}
-    finally:
-        teardown()
+def link(rate_bps: int) -> NetnsLink:
+    """The two namespaces and the shaped veth pair (``with link(rate).up() as info``)."""
+    return NetnsLink(LINK_NAME, LINK_SUBNET, tbf_for_rate(rate_bps))
 
 
 def in_ns(ns: str, argv: Sequence[str]) -> list[str]:
@@ -378,7 +348,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = FIRST_PORT
     rows: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []
-    with link(parse_rate(args.rate)) as link_info:
+    rate = parse_rate(args.rate)
+    with link(rate).up() as link_info:
+        link_info["rate_bps"] = rate
         for run_no in range(args.runs):
             for case in cases:
                 kinds = ("turbofs", "distribution") if run_no % 2 == 0 else ("distribution", "turbofs")
