@@ -121,6 +121,7 @@ class Variant:
     name: str
     traced: bool
     mode: str | None = None  # None: the node's default
+    settings: tuple[tuple[str, bool | int | float | str], ...] = ()  # more [daemon] settings
 
 
 VARIANTS: Final[dict[str, Variant]] = {
@@ -308,7 +309,8 @@ class Node:
         self.sn: SnapshotterProcess | None = None
         self.ctrd: Containerd | None = None
 
-    def start(self, *, prefetch: bool = True, mode: str | None = None) -> None:
+    def start(self, *, prefetch: bool = True, mode: str | None = None,
+              settings: Sequence[tuple[str, bool | int | float | str]] = ()) -> None:
         base = Path(tempfile.mkdtemp(prefix="tfs-cold-", dir="/tmp"))
         self.sn = SnapshotterProcess(base, settings=f'plain_http = ["{ADDR_REG}:{PORT_TURBOFS}"]')
         with self.sn.config_path.open("a") as fh:  # [daemon] is the file's last table
@@ -316,6 +318,8 @@ class Node:
                 fh.write("prefetch = false\n")
             if mode is not None:
                 fh.write(f"mode = {json.dumps(mode)}\n")
+            for key, value in settings:  # TOML scalars: JSON's spelling of them is TOML's too
+                fh.write(f"{key} = {json.dumps(value)}\n")
         self.sn.start()
         self.ctrd = Containerd(proxy_plugin_toml(self.sn.address)).start()
 
@@ -336,10 +340,11 @@ class Node:
         assert self.sn is not None
         return self.sn
 
-    def reset(self, *, prefetch: bool = True, mode: str | None = None) -> None:
+    def reset(self, *, prefetch: bool = True, mode: str | None = None,
+              settings: Sequence[tuple[str, bool | int | float | str]] = ()) -> None:
         self.stop()
         drop_caches()
-        self.start(prefetch=prefetch, mode=mode)
+        self.start(prefetch=prefetch, mode=mode, settings=settings)
 
 
 def _ready_line(out: IO[str], deadline: float, marker: str = "READY") -> tuple[float, list[str]]:
@@ -602,7 +607,7 @@ def bench_image(
                     node.reset()
                     row = with_app_times(run_standard(node, link, image, refs))
                 else:
-                    node.reset(mode=v.mode)
+                    node.reset(mode=v.mode, settings=v.settings)
                     row = with_app_times(run_turbofs(node, link, image, refs, v))
                 row["run"] = i
                 log(f"{image.name} run {i} {row['path']}: READY after {row['ready_s']:.2f} s, "

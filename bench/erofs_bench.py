@@ -312,29 +312,9 @@ STORE_VARIANTS: Final = {"turbofs+trace+store": True, "turbofs+trace-store": Fal
 def cmd_coldstart(runs: int, out: Path) -> dict[str, Any]:
     """bench.coldstart with two erofs variants of the traced image: startup_notify_store on/off."""
     from bench import coldstart as cs
-    from tests.containerd_fixtures import Containerd
-    from tests.snapshotter_fixtures import SnapshotterProcess, proxy_plugin_toml
 
-    def start(self: cs.Node, *, prefetch: bool = True, mode: str | None = None) -> None:
-        store = None
-        if mode is not None and ":" in mode:
-            mode, flag = mode.split(":", 1)
-            store = flag == "store"
-        base = Path(tempfile.mkdtemp(prefix="tfs-cold-", dir="/tmp"))
-        self.sn = SnapshotterProcess(base, settings=f'plain_http = ["{cs.ADDR_REG}:{cs.PORT_TURBOFS}"]')
-        with self.sn.config_path.open("a") as fh:  # [daemon] is the file's last table
-            if not prefetch:
-                fh.write("prefetch = false\n")
-            if mode is not None:
-                fh.write(f"mode = {json.dumps(mode)}\n")
-            if store is not None:
-                fh.write(f"startup_notify_store = {'true' if store else 'false'}\n")
-        self.sn.start()
-        self.ctrd = Containerd(proxy_plugin_toml(self.sn.address)).start()
-
-    cs.Node.start = start  # type: ignore[method-assign]
     for name, on in STORE_VARIANTS.items():
-        cs.VARIANTS[name] = cs.Variant(name, True, "erofs:" + ("store" if on else "nostore"))
+        cs.VARIANTS[name] = cs.Variant(name, True, "erofs", (("startup_notify_store", on),))
     tmp = Path(tempfile.mkdtemp(prefix="tfs-erofscold-")) / "coldstart.json"
     cs.main(["--images", "python-1g", "--runs", str(runs), "--variants", ",".join(STORE_VARIANTS),
              "--out", str(tmp), "--no-chart"])
