@@ -252,13 +252,7 @@ class ChunkReader:
 
     async def read_chunk(self, chunk: Chunk, *, ino: int | None = None) -> bytes:
         """The whole uncompressed chunk (for a reader of chunks rather than files)."""
-        if chunk.id not in self._trace:
-            self._trace[chunk.id] = None
-        self._read_last = trio.current_time()
-        data = self.cache.get_ram(chunk)
-        if data is not None:
-            return data
-        return (await self._wait(self._start([chunk], FetchKind.DEMAND), ino))[chunk.id]
+        return (await self.read_chunks([chunk], ino=ino))[chunk.id]
 
     def _from_ram(self, chunks: Sequence[Chunk]) -> tuple[dict[int, bytes], dict[int, Chunk]]:
         """The chunks the RAM tier holds (by id), and the others (by id, once each)."""
