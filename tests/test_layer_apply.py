@@ -116,7 +116,9 @@ def _containerd_layers(containerd_factory: ContainerdFactory, tmp_path: Path) ->
     m = re.search(r"lowerdir=([^\s\"]+)", out)
     assert m, out
     dirs = [Path(p) for p in m.group(1).split(":")]
-    c.ctr("snapshots", "--snapshotter", "overlayfs", "rm", "apply-view")
+    # the view holds no lease: containerd's garbage collector may have removed it already
+    rm = c.ctr("snapshots", "--snapshotter", "overlayfs", "rm", "apply-view", check=False)
+    assert rm.returncode == 0 or "not found" in rm.stderr, rm.stderr
     return list(reversed(dirs))
 
 

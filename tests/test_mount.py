@@ -202,13 +202,16 @@ def test_faults_never_return_wrong_bytes(mounter: Mounter, bulky: LayoutImage, t
         proxy.faults.corrupt = 1  # once: refetched, then right
         for path, ino in files[:10]:
             assert path.read_bytes() == bulky.read(ino)
-        # a chunk that is corrupt on every fetch: EIO, never the wrong bytes
+        # a chunk that is corrupt on every fetch: EIO, never the wrong bytes (the last big
+        # file: far from those read above, so no readahead of theirs has fetched it already)
+        victim, victim_ino = files[31]
+        assert victim.name == "f31.bin"
         proxy.faults.corrupt = 1000
         with pytest.raises(OSError) as exc:
-            files[20][0].read_bytes()
+            victim.read_bytes()
         assert exc.value.errno == errno.EIO
         proxy.faults.corrupt = 0
-        assert files[20][0].read_bytes() == bulky.read(files[20][1])  # no remount needed
+        assert victim.read_bytes() == bulky.read(victim_ino)  # no remount needed
         assert "turbofs_digest_failures_total" in mounter.metrics(mp)
 
 
