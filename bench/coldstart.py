@@ -87,7 +87,12 @@ from typing import IO, Any, Final
 from bench.mount_bench import fetch_figures, parse_metrics
 from bench.netlink import NetnsLink, tbf_for_rate
 from tests.containerd_fixtures import Containerd
-from tests.registry_fixtures import DistributionRegistry, RegistryProcess, TurbofsRegistry
+from tests.registry_fixtures import (
+    DistributionRegistry,
+    RegistryProcess,
+    TurbofsRegistry,
+    distribution_config,
+)
 from tests.snapshotter_fixtures import SnapshotterProcess, proxy_plugin_toml
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -244,11 +249,7 @@ class RegDistribution(DistributionRegistry):
         RegistryProcess.__init__(self, workdir, workdir / "storage", host=ADDR_REG, port=PORT_DISTRIBUTION)
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yml"
-        self.config_path.write_text(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
-            f"http:\n  addr: {ADDR_REG}:{PORT_DISTRIBUTION}\n"
-        )
+        self.config_path.write_text(distribution_config(self.storage, f"{ADDR_REG}:{PORT_DISTRIBUTION}", delete=False))
 
     def _argv(self) -> list[str]:
         return _nsenter(super()._argv())

@@ -80,6 +80,7 @@ from bench.build_bench import (
     median_min_max,
     write_results,
 )
+from tests.registry_fixtures import distribution_config
 from turbofs.config import DEFAULT_CHUNK_SIZE, MiB
 from turbofs.image import LayoutImage, open_layout_image
 
@@ -304,22 +305,6 @@ def start_turbofs(workdir: Path, settings: dict[str, Any] | None = None) -> Serv
     return server
 
 
-_DISTRIBUTION_CONFIG: Final = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {storage}
-  delete:
-    enabled: true
-http:
-  addr: {host}:{port}
-  secret: turbofs-bench
-"""
-
 
 def start_distribution(workdir: Path) -> Server:
     """Debian's ``docker-registry serve CONFIG.yml`` (filesystem storage, no access log)."""
@@ -328,7 +313,7 @@ def start_distribution(workdir: Path) -> Server:
     storage.mkdir(exist_ok=True)
     port = free_port()
     config = workdir / "config.yml"
-    config.write_text(_DISTRIBUTION_CONFIG.format(storage=storage, host=HOST, port=port))
+    config.write_text(distribution_config(storage, f"{HOST}:{port}", secret="turbofs-bench"))
     log_path = workdir / "distribution.log"
     log_file = open(log_path, "ab")
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], cwd=workdir,

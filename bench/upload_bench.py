@@ -59,6 +59,7 @@ import httpx
 
 from bench.build_bench import REPO_ROOT, RESULTS_DIR, machine_info, write_results
 from bench.netlink import NetnsLink, tbf_for_rate
+from tests.registry_fixtures import distribution_config
 
 LINK_NAME: Final = "tfsup"
 LINK_SUBNET: Final = "10.217.0"
@@ -147,20 +148,6 @@ def _await_http(server: Server, deadline: float) -> None:
     raise RuntimeError(f"{server.kind} did not answer on {url}")
 
 
-_DISTRIBUTION_CONFIG: Final = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {storage}
-http:
-  addr: {addr}
-  secret: turbofs-bench
-"""
-
 
 def start_server(kind: str, port: int) -> Server:
     """A fresh registry of ``kind`` (turbofs, distribution) in the registry namespace."""
@@ -174,7 +161,7 @@ def start_server(kind: str, port: int) -> Server:
                 "--host", ADDR_REG, "--port", str(port), "--storage", str(storage)]
     else:
         (workdir / "config.yml").write_text(
-            _DISTRIBUTION_CONFIG.format(storage=storage, addr=f"{ADDR_REG}:{port}"))
+            distribution_config(storage, f"{ADDR_REG}:{port}", delete=False, secret="turbofs-bench"))
         argv = ["docker-registry", "serve", str(workdir / "config.yml")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURBOFS_")}
     proc = subprocess.Popen(in_ns(NS_REG, argv), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,

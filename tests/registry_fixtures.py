@@ -226,20 +226,18 @@ class TurbofsRegistry(RegistryProcess):
         self.port = int(m[2])
 
 
-_DISTRIBUTION_CONFIG = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {storage}
-  delete:
-    enabled: true
-http:
-  addr: {host}:{port}
-"""
+def distribution_config(storage: Path, addr: str, *, delete: bool = True, secret: str | None = None) -> str:
+    """docker-registry's config.yml: filesystem storage at ``storage``, listening on ``addr``
+    (HOST:PORT), warnings only, no access log; ``delete``: the API may delete blobs and
+    manifests; ``secret``: the HTTP secret (set it where several could share storage)."""
+    lines = ["version: 0.1", "log:", "  level: warn", "  accesslog:", "    disabled: true",
+             "storage:", "  filesystem:", f"    rootdirectory: {storage}"]
+    if delete:
+        lines += ["  delete:", "    enabled: true"]
+    lines += ["http:", f"  addr: {addr}"]
+    if secret is not None:
+        lines.append(f"  secret: {secret}")
+    return "\n".join(lines) + "\n"
 
 
 class DistributionRegistry(RegistryProcess):
@@ -252,9 +250,7 @@ class DistributionRegistry(RegistryProcess):
         super().__init__(workdir, storage or Path(workdir) / "storage", host=host, port=free_port(host))
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yml"
-        self.config_path.write_text(
-            _DISTRIBUTION_CONFIG.format(storage=self.storage, host=host, port=self.port)
-        )
+        self.config_path.write_text(distribution_config(self.storage, f"{host}:{self.port}"))
 
     def _argv(self) -> list[str]:
         return [self.binary, "serve", str(self.config_path)]
