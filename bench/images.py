@@ -647,8 +647,8 @@ def _weights(seed: int, size: int, piece: int = 16 << 20) -> Iterator[bytes]:
         left -= n
 
 
-class _Digesting:
-    """A write-only file that hashes and counts what goes through it."""
+class DigestingWriter:
+    """A write-only file that hashes (sha256) and counts what goes through it."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
@@ -684,9 +684,9 @@ def build_python_10g(layout: Path, work: Path) -> None:
     tmp = work / "weights.tar.gz"
     mtime = 1_700_000_000
     with tmp.open("wb") as raw:
-        gz_sink = _Digesting(raw)
+        gz_sink = DigestingWriter(raw)
         with igzip.IGzipFile(fileobj=gz_sink, mode="wb", compresslevel=1, mtime=0) as gz:  # type: ignore[no-untyped-call]
-            tar_sink = _Digesting(gz)
+            tar_sink = DigestingWriter(gz)
             with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 d = tarfile.TarInfo("models")
                 d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, mtime

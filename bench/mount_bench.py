@@ -110,6 +110,7 @@ from bench.build_bench import (
     machine_info,
     write_results,
 )
+from bench.images import DigestingWriter
 from bench.netlink import NetnsLink
 from turbofs.config import (
     DEFAULT_CHUNK_SIZE,
@@ -251,20 +252,6 @@ def fetch_figures(metrics: dict[str, float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- synthetic images
 
 
-class _HashingWriter:
-    """A write-only file that hashes and counts what goes through it."""
-
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self.f = f
-        self.h = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.h.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-
 class _RandomReader:
     """``size`` seeded pseudo-random bytes, read in pieces (incompressible file content)."""
 
@@ -291,10 +278,10 @@ def write_tar_layout(layout: Path, fill: Callable[[tarfile.TarFile], None]) -> d
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     tmp = blobs / "layer.tmp"
     with open(tmp, "wb") as raw:
-        writer = _HashingWriter(raw)
+        writer = DigestingWriter(raw)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
             fill(tf)
-    layer_digest = writer.h.hexdigest()
+    layer_digest = writer.sha.hexdigest()
     tmp.rename(blobs / layer_digest)
     config = {
         "architecture": "amd64",
