@@ -136,8 +136,7 @@ class Prefetcher:
         self._startup = [index.chunk(i) for i in startup]
         self._rest = [index.chunk(i) for i in dict.fromkeys(ids) if i not in startup]
         self._chunks = self._startup + self._rest
-        self._startup_end: float | None = None
-        self._in_startup = False
+        self._startup_end: float | None = None  # set when the startup phase has ended
         self._bytes_total = sum(c.clen for c in self._chunks)
         self._state = PrefetchState.WAITING
         self._done = trio.Event()
@@ -174,7 +173,7 @@ class Prefetcher:
     def progress(self) -> PrefetchProgress:
         state = self._state
         if state is PrefetchState.RUNNING:
-            if self._in_startup:
+            if self._startup and self._startup_end is None:
                 state = PrefetchState.STARTUP
             if self._backing_off:
                 state = PrefetchState.BACKOFF
@@ -211,11 +210,9 @@ class Prefetcher:
             self._state = PrefetchState.RUNNING
             task_status.started()
             if self._startup:
-                self._in_startup = True
                 try:
                     await self._phase(self._batches(self._startup, self.cfg.prefetch_startup_batch_bytes), True)
                 finally:
-                    self._in_startup = False
                     self._startup_end = trio.current_time()
             if not self._stop:
                 await self._phase(self._batches(self._rest, self.cfg.prefetch_batch_bytes), False)
