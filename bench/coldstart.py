@@ -270,10 +270,11 @@ def turbo_layout(name: str, layout: Path, trace: Path | None = None) -> Path:
     import hashlib
 
     from index_builder.builder import build
+    from turbofs.format import REVISION
     from turbofs.trace import load
 
     suffix = "" if trace is None else "-trace-" + hashlib.sha256(trace.read_bytes()).hexdigest()[:12]
-    out = coldstart_cache() / f"{name}-{_stamp(layout)}-turbo{suffix}"
+    out = coldstart_cache() / f"{name}-{_stamp(layout)}-turbo-{REVISION}{suffix}"
     if not (out / "index.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"turbofs build {name}{' --startup-trace ' + str(trace) if trace else ''} -> {out}")

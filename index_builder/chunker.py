@@ -61,6 +61,7 @@ class _Stored:
     spool_offset: int
     clen: int
     ulen: int
+    frame: bytes  # sha256 of the compressed frame (the index's frames section)
 
 
 _U32_SPACE: Final = 1 << 32
@@ -141,11 +142,12 @@ class ChunkStore:
                 return digest
             self._pending.add(digest)
         comp = self._compressor().compress(data)
+        frame = hashlib.sha256(comp).digest()
         with self._lock:
             off = self._spool_size
             self._spool_size += len(comp)
             os.pwrite(self._spool.fileno(), comp, off)
-            self._stored[digest] = _Stored(off, len(comp), len(data))
+            self._stored[digest] = _Stored(off, len(comp), len(data), frame)
             self._pending.discard(digest)
         return digest
 
@@ -225,7 +227,7 @@ class ChunkStore:
                     st = self._stored[digest]
                     off = sink.size
                     sink.write(os.pread(fd, st.clen, st.spool_offset))
-                    chunks.append(fmt.Chunk(len(chunks), digest, len(blobs), off, st.clen, st.ulen))
+                    chunks.append(fmt.Chunk(len(chunks), digest, len(blobs), off, st.clen, st.ulen, st.frame))
                     i += 1
                     cut_mark = int.from_bytes(digest[:4], "little")
                     if sink.size >= cfg.blob_max or (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -156,6 +157,12 @@ def test_chunk_layout(tmp_path: Path) -> None:
     digests = [idx.chunk(i).digest for i in range(idx.n_chunks)]
     assert len(set(digests)) == len(digests)
     assert sorted(idx.prefetch_order()) == list(range(idx.n_chunks))
+    # every chunk's frame digest (format revision 1.2) is that of its bytes in its blob
+    assert idx.has_frame_digests
+    blobs = tmp_path / "turbo" / "blobs" / "sha256"
+    for c in idx.chunk_list():
+        blob = (blobs / idx.blob(c.blob).digest.hex()).read_bytes()
+        assert c.frame == hashlib.sha256(blob[c.offset : c.offset + c.clen]).digest()
 
 
 def test_same_input_same_bytes(tmp_path: Path) -> None:

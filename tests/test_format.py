@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import stat
 import struct
@@ -224,3 +225,59 @@ def test_encode_rejects_bad_input() -> None:
             blobs=[],
             prefetch=[],
         )
+
+
+def _with_frames(chunks: list[fmt.Chunk]) -> list[fmt.Chunk]:
+    return [dataclasses.replace(c, frame=hashlib.sha256(b"frame %d" % c.id).digest()) for c in chunks]
+
+
+def _sections(blob: bytes) -> dict[int, bytes]:
+    payload = zstandard.ZstdDecompressor().decompress(blob[fmt.HEADER_SIZE :])
+    _log2, _root, n, _ = struct.unpack_from("<IIII", payload, 0)
+    out = {}
+    for i in range(n):
+        sec, _, off, length = struct.unpack_from("<IIQQ", payload, 16 + 24 * i)
+        out[sec] = payload[off : off + length]
+    return out
+
+
+def test_frame_digests_round_trip_and_are_optional() -> None:
+    idx = fmt.Index.from_bytes(sample_index())
+    assert not idx.has_frame_digests and fmt.SEC_FRAMES not in _sections(sample_index())
+    assert all(c.frame is None for c in idx.chunk_list()) and idx.chunk(0).frame is None
+    chunks = _with_frames(idx.chunk_list())
+    blob = _reencode(chunks)
+    assert len(_sections(blob)[fmt.SEC_FRAMES]) == 32 * len(chunks)
+    framed = fmt.Index.from_bytes(blob)
+    framed.verify()
+    assert framed.has_frame_digests
+    assert framed.chunk_list() == chunks and [framed.chunk(i) for i in range(3)] == chunks
+    # all chunks or none: half a section would leave some chunks unchecked by it
+    with pytest.raises(ValueError, match="all or none"):
+        _reencode([chunks[0], *idx.chunk_list()[1:]])
+    with pytest.raises(ValueError, match="32 bytes"):
+        _reencode([dataclasses.replace(c, frame=b"short") for c in chunks])
+
+
+def test_a_frames_section_of_the_wrong_length_is_refused() -> None:
+    blob = _reencode(_with_frames(fmt.Index.from_bytes(sample_index()).chunk_list()))
+    payload = bytearray(zstandard.ZstdDecompressor().decompress(blob[fmt.HEADER_SIZE :]))
+    _log2, _root, n, _ = struct.unpack_from("<IIII", payload, 0)
+    for i in range(n):
+        sec, _, off, length = struct.unpack_from("<IIQQ", payload, 16 + 24 * i)
+        if sec == fmt.SEC_FRAMES:
+            struct.pack_into("<IIQQ", payload, 16 + 24 * i, sec, 0, off, length - 32)
+    with pytest.raises(FormatError, match="frames section holds 2 digests for 3 chunks"):
+        fmt.Index(bytes(payload))
+
+
+def _reencode(chunks: list[fmt.Chunk]) -> bytes:
+    """A small index over ``sample_index``'s three chunks, with these chunk records."""
+    D, R = stat.S_IFDIR, stat.S_IFREG
+    inodes = [
+        fmt.InodeSpec(D | 0o755, children=((b"a", 1), (b"b", 2))),
+        fmt.InodeSpec(R | 0o644, size=CS + 10, refs=((0, 0), (1, 0))),
+        fmt.InodeSpec(R | 0o600, size=100, refs=((2, 4096),)),
+    ]
+    blobs = [fmt.Blob(b"\1" * 32, 200), fmt.Blob(b"\2" * 32, 100)]
+    return fmt.encode(chunk_size=CS, inodes=inodes, chunks=chunks, blobs=blobs, prefetch=[2, 0, 1])

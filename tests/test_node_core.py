@@ -9,6 +9,7 @@ client as its transport: the test seam, no internals are patched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from turbofs import format as fmt
 from turbofs import oci
 from turbofs.config import DaemonConfig
+from turbofs.errors import DigestMismatch
 from turbofs.node.cache import ChunkCache, DiskCache, RamCache, VerifiedChunk, decode_frame
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
@@ -500,6 +502,57 @@ def test_disk_tier_trusts_only_files_this_process_checked(tmp_path: Path) -> Non
     # the process that wrote the files was told nothing: it catches them too
     assert disk.get(vs[1].chunk) is None and disk.get(vs[3].chunk) == vs[3]
     assert not any(again.path(v.chunk.digest).exists() for v in vs[:3])
+
+
+def _framed(chunk_data: bytes, content: bytes, i: int = 0) -> tuple[fmt.Chunk, bytes]:
+    """A chunk named by the digest of ``chunk_data`` whose frame (with its frame digest, as
+    an index of format revision 1.2 gives it) holds ``content``."""
+    frame = zstandard.ZstdCompressor().compress(content)
+    return fmt.Chunk(i, hashlib.sha256(chunk_data).digest(), 0, 0, len(frame), len(content),
+                     hashlib.sha256(frame).digest()), frame
+
+
+def test_a_frame_is_checked_by_its_digest_before_it_is_decompressed() -> None:
+    data = pseudo_random(7, 20_000)
+    chunk, frame = _framed(data, data)
+    v = decode_frame(chunk, frame)
+    assert v.data == data and v.frame == chunk.frame
+    bad = bytearray(frame)
+    bad[-1] ^= 1  # still a valid frame header: only the digest tells
+    with pytest.raises(DigestMismatch, match="compressed frame does not match its digest"):
+        decode_frame(chunk, bytes(bad))
+    # without frame digests (an index before revision 1.2) the uncompressed bytes are checked
+    plain = dataclasses.replace(chunk, frame=None)
+    assert decode_frame(plain, frame) == VerifiedChunk(plain, data, None)
+    wrong, wrong_frame = _framed(data, pseudo_random(8, 20_000))
+    with pytest.raises(DigestMismatch, match="content does not match its digest"):
+        decode_frame(dataclasses.replace(wrong, frame=None), wrong_frame)
+
+
+def test_frame_checked_files_are_trusted_only_for_that_frame(tmp_path: Path) -> None:
+    """An index may pair a chunk digest with a frame of other content (a faulty or hostile
+    builder): its own image then reads that content, as its index says, but the disk file,
+    named by the chunk digest, is hashed before it serves any chunk with another frame
+    digest, in this process or any other."""
+    real = pseudo_random(1, 20_000)
+    lying, lying_frame = _framed(real, pseudo_random(2, 20_000))
+    disk = DiskCache(tmp_path / "d", 1 << 20)
+    v = decode_frame(lying, lying_frame)  # passes: the frame is the one its index names
+    assert disk.put(v)
+    assert disk.get(lying) == v and disk.stats.trusted_hits == 1  # the same image: trusted
+    honest, honest_frame = _framed(real, real)  # another image names the real content
+    assert disk.get(honest) is None  # hashed against its name: caught, dropped
+    assert disk.stats.corrupt == 1 and not disk.path(honest.digest).exists()
+    assert disk.put(decode_frame(honest, honest_frame))
+    hits = disk.stats.trusted_hits
+    assert disk.get(honest) == VerifiedChunk(honest, real, honest.frame) and disk.stats.trusted_hits == hits + 1
+    # a reader without that frame digest hashes the file; then it is proven for every reader
+    unframed = dataclasses.replace(honest, frame=None)
+    assert disk.get(unframed) == VerifiedChunk(unframed, real, None) and disk.stats.trusted_hits == hits + 1
+    assert disk.get(lying) is not None and disk.stats.trusted_hits == hits + 2
+    other = DiskCache(tmp_path / "d", 1 << 20)  # another process hashes first, then trusts
+    got = other.get(honest)
+    assert got is not None and got.data == real and got.frame is None and other.stats.trusted_hits == 0
 
 
 # ---------------------------------------------------------------------------------------

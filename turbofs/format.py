@@ -27,6 +27,9 @@ from turbofs.errors import FormatError, NotFound
 
 MAGIC: Final = b"TURBOIDX"
 VERSION: Final = 1
+#: The revision of VERSION this module writes: 1.2 adds the frames section (optional
+#: sections only: every reader of VERSION reads it). See the changelog in docs/format.md.
+REVISION: Final = "1.2"
 #: Versions this module reads. See the changelog in docs/format.md.
 READABLE_VERSIONS: Final = frozenset({1})
 
@@ -53,6 +56,10 @@ SEC_PREFETCH: Final = 7
 SEC_HEAP: Final = 8
 #: Added in revision 1.1 (readers of 1.0 skip it): the recorded startup's chunks, in first-use order.
 SEC_STARTUP: Final = 9
+#: Added in revision 1.2 (readers of 1.0 and 1.1 skip it): the sha256 of every chunk's
+#: compressed frame, by chunk id, so that a reader can check a fetched frame before
+#: decompressing it instead of hashing the (larger) uncompressed bytes.
+SEC_FRAMES: Final = 10
 
 _HEADER = struct.Struct("<8sHHIQQ32s")  # magic, version, flags, header size, payload len, compressed len, payload sha256
 _SUPER = struct.Struct("<IIII")  # chunk_size_log2, root ino, n_sections, reserved
@@ -64,6 +71,7 @@ _CHUNK = struct.Struct("<32sIIQII")  # digest, blob, flags, offset in blob, comp
 _BLOB = struct.Struct("<32sQ")  # sha256, size
 _XATTR = struct.Struct("<IIII")  # key_off key_len value_off value_len
 _U32 = struct.Struct("<I")
+_SHA256: Final = 32
 
 HEADER_SIZE: Final = _HEADER.size
 _RECORD_SIZES: Final = {
@@ -76,9 +84,10 @@ _RECORD_SIZES: Final = {
     SEC_PREFETCH: _U32.size,
     SEC_HEAP: 1,
     SEC_STARTUP: _U32.size,
+    SEC_FRAMES: _SHA256,
 }
 #: Sections an index may leave out.
-_OPTIONAL_SECTIONS: Final = frozenset({SEC_STARTUP})
+_OPTIONAL_SECTIONS: Final = frozenset({SEC_STARTUP, SEC_FRAMES})
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,6 +116,9 @@ class Chunk:
     offset: int  # of the compressed frame inside the blob
     clen: int
     ulen: int
+    #: sha256 of the compressed frame (``[offset, offset + clen)`` of the blob), where the
+    #: index has a frames section (revision 1.2); None otherwise
+    frame: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +212,10 @@ def encode(
 
     ``startup``: the chunks a recorded process start read, in first-use order (written as
     a startup section only when not empty, so an index without a trace stays byte-identical
-    to one written before the section existed)."""
+    to one written before the section existed).
+
+    A frames section (the sha256 of each chunk's compressed frame) is written when every
+    chunk has its ``frame`` digest; none may have it otherwise."""
     log2 = chunk_size.bit_length() - 1
     if chunk_size != 1 << log2 or not MIN_CHUNK_LOG2 <= log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
@@ -258,6 +273,11 @@ def encode(
             n_xattrs - x_start, parent[ino], size, a, b,
         )
     chunk_buf = bytearray()
+    frames = [c.frame for c in chunks if c.frame is not None]
+    if frames and len(frames) != len(chunks):
+        raise ValueError(f"{len(frames)} of {len(chunks)} chunks have a frame digest: all or none")
+    if any(len(f) != _SHA256 for f in frames):
+        raise ValueError("a frame digest is not 32 bytes")
     for i, c in enumerate(chunks):
         if c.id != i:
             raise ValueError(f"chunk {i} has id {c.id}")
@@ -276,6 +296,8 @@ def encode(
     ]
     if startup:
         sections.append((SEC_STARTUP, b"".join(_U32.pack(c) for c in startup)))
+    if frames:
+        sections.append((SEC_FRAMES, b"".join(frames)))
     table_len = _SUPER.size + _SECTION.size * len(sections)
     parts = [_SUPER.pack(log2, ROOT_INO, len(sections), 0)]
     off = table_len
@@ -343,12 +365,16 @@ class Index:
         self._xattrs = secs[SEC_XATTRS]
         self._prefetch = secs[SEC_PREFETCH]
         self._startup = secs.get(SEC_STARTUP, memoryview(b""))
+        frames = secs.get(SEC_FRAMES)
         self._heap = bytes(secs[SEC_HEAP])
         self.n_inodes = len(self._inodes) // _INODE.size
         self.n_dirents = len(self._dirents) // _DIRENT.size
         self.n_refs = len(self._refs) // _REF.size
         self.n_chunks = len(self._chunks) // _CHUNK.size
         self.n_blobs = len(self._blobs) // _BLOB.size
+        if frames is not None and len(frames) != self.n_chunks * _SHA256:
+            raise _fmt_err(f"frames section holds {len(frames) // _SHA256} digests for {self.n_chunks} chunks")
+        self._frames: bytes | None = None if frames is None else bytes(frames)
         if self.n_inodes == 0:
             raise _fmt_err("no inodes")
         if not stat.S_ISDIR(self._raw_inode(ROOT_INO)[0]):
@@ -485,7 +511,9 @@ class Index:
             raise _fmt_err(f"chunk {chunk_id} names blob {blob} out of range")
         if ulen > self.chunk_size:
             raise _fmt_err(f"chunk {chunk_id} of {ulen} bytes exceeds the chunk size")
-        return Chunk(chunk_id, digest, blob, off, clen, ulen)
+        frames = self._frames
+        frame = None if frames is None else frames[chunk_id * _SHA256 : (chunk_id + 1) * _SHA256]
+        return Chunk(chunk_id, digest, blob, off, clen, ulen, frame)
 
     def chunks(self) -> Iterator[Chunk]:
         return (self.chunk(i) for i in range(self.n_chunks))
@@ -501,6 +529,11 @@ class Index:
 
     def prefetch_order(self) -> list[int]:
         return [c for (c,) in _U32.iter_unpack(self._prefetch)]
+
+    @property
+    def has_frame_digests(self) -> bool:
+        """Whether the index gives each chunk's compressed-frame digest (revision 1.2)."""
+        return self._frames is not None
 
     def startup_chunks(self) -> list[int]:
         """The chunks a recorded process start read, in first-use order (empty without a
@@ -724,8 +757,13 @@ class Index:
 
     def chunk_list(self) -> list[Chunk]:
         """Every chunk, by id, checked as :meth:`chunk` checks one."""
-        out = [Chunk(i, digest, blob, off, clen, ulen)
-               for i, (digest, blob, _flags, off, clen, ulen) in enumerate(_CHUNK.iter_unpack(self._chunks))]
+        frames = self._frames
+        if frames is None:
+            out = [Chunk(i, digest, blob, off, clen, ulen)
+                   for i, (digest, blob, _flags, off, clen, ulen) in enumerate(_CHUNK.iter_unpack(self._chunks))]
+        else:
+            out = [Chunk(i, digest, blob, off, clen, ulen, frames[i * _SHA256 : (i + 1) * _SHA256])
+                   for i, (digest, blob, _flags, off, clen, ulen) in enumerate(_CHUNK.iter_unpack(self._chunks))]
         for c in out:
             if c.blob >= self.n_blobs:
                 raise _fmt_err(f"chunk {c.id} names blob {c.blob} out of range")
@@ -757,6 +795,7 @@ __all__ = [
     "ALIGN",
     "HOLE",
     "MAGIC",
+    "REVISION",
     "ROOT_INO",
     "VERSION",
     "Blob",

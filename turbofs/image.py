@@ -7,6 +7,7 @@ names each chunk's blob by digest. :func:`parse_manifest` checks that these agre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -45,14 +46,24 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def decompress_chunk(chunk: fmt.Chunk, frame: bytes) -> bytes:
-    """Decompress one chunk's zstd frame and check it against the chunk digest."""
+    """Decompress one chunk's zstd frame, checked against the index: the sha256 of the
+    frame where the index gives it (``chunk.frame``, format revision 1.2), else the sha256
+    of the uncompressed bytes (the chunk digest). Either way no byte comes out unchecked:
+    the index is itself verified by its digest, and decompressing a frame is deterministic,
+    so a frame that matches gives exactly the bytes the builder compressed. Checking the
+    frame hashes 2-3x fewer bytes, and before decompressing: a wrong frame is never even
+    decompressed."""
     if len(frame) != chunk.clen:
         raise DigestMismatch(f"chunk {chunk.digest.hex()}: got {len(frame)} of {chunk.clen} compressed bytes")
+    if chunk.frame is not None and hashlib.sha256(frame).digest() != chunk.frame:
+        raise DigestMismatch(f"chunk {chunk.digest.hex()}: compressed frame does not match its digest")
     try:
         data = _decompressor().decompress(frame, max_output_size=chunk.ulen)
     except zstandard.ZstdError as exc:
         raise DigestMismatch(f"chunk {chunk.digest.hex()}: does not decompress ({exc})") from None
-    if len(data) != chunk.ulen or fmt.chunk_digest(data) != chunk.digest:
+    if len(data) != chunk.ulen:
+        raise DigestMismatch(f"chunk {chunk.digest.hex()}: {len(data)} bytes decompressed, expected {chunk.ulen}")
+    if chunk.frame is None and fmt.chunk_digest(data) != chunk.digest:
         raise DigestMismatch(f"chunk {chunk.digest.hex()}: content does not match its digest")
     return data
 

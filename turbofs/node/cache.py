@@ -42,6 +42,15 @@ cost 0.85 ms of CPU per MB (bench/README.md, "Mount", section 3). That makes fsy
 unnecessary for correctness, and it made each write ~8x slower here (501 vs 62 us per
 256 KiB chunk), so it is off by default (``DaemonConfig.disk_cache_fsync``).
 
+**Frame checks and the shared disk.** Where the index gives frame digests (format revision
+1.2), a fetched chunk is checked through its compressed frame (:func:`decode_frame`), not
+its uncompressed bytes. That vouches for the bytes as *that index* describes them; it does
+not prove they hash to the chunk digest the file is named by (a faulty or hostile builder
+could pair a digest with other content). So the trust a frame check gives a file is
+remembered with the frame digest (:attr:`_Entry.frame`) and extends only to chunks with
+the same frame digest (the same image, or one built from the same frames); any other
+reader of the file, in this process or another, hashes it against its name first.
+
 A chunk enters either tier only after its digest was verified: both tiers take a
 :class:`VerifiedChunk`, which only the checking functions make. Disk eviction never removes
 a file being read (readers pin it). Disk I/O and decompression run in worker threads
@@ -54,6 +63,7 @@ it); each then bounds only the files it knows about.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -88,6 +98,8 @@ DISK_FORMAT: Final = b"turbofs chunk cache 1: uncompressed chunks named by their
 
 _NAME_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _TEMP_RE: Final = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+$")
+_TEMP_PREFIX: Final = secrets.token_hex(4)
+_temp_numbers = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,11 @@ class VerifiedChunk:
 
     chunk: Chunk
     data: bytes
+    #: The compressed-frame digest (``chunk.frame``) the bytes were checked through; None
+    #: when they were checked against the chunk digest itself. A frame check vouches for
+    #: the bytes as the index that gave the frame digest describes them; only a chunk-digest
+    #: check proves them to be the chunk that any image names by that digest.
+    frame: bytes | None = None
 
 
 def verify_data(chunk: Chunk, data: bytes) -> VerifiedChunk:
@@ -112,7 +129,7 @@ def verify_data(chunk: Chunk, data: bytes) -> VerifiedChunk:
 
 def decode_frame(chunk: Chunk, frame: bytes) -> VerifiedChunk:
     """Decompress a fetched zstd frame and check it against ``chunk``; raises DigestMismatch."""
-    return VerifiedChunk(chunk, decompress_chunk(chunk, frame))
+    return VerifiedChunk(chunk, decompress_chunk(chunk, frame), chunk.frame)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +217,9 @@ class _Entry:
     #: digest check, or read and checked them): while the file still has this stamp, its
     #: bytes are those bytes, and loading it needs no second sha256.
     verified: _Stamp | None = None
+    #: Set when the check behind ``verified`` was a frame check (:attr:`VerifiedChunk.frame`):
+    #: the trust then extends only to chunks with that same frame digest.
+    frame: bytes | None = None
 
 
 def _usage(size: int) -> int:
@@ -365,7 +385,8 @@ class DiskCache:
 
         A file this process wrote (after the chunk's digest check) or already checked once
         is trusted while it keeps the stamp it had then (inode, size, and the mtime set
-        here to the nanosecond): only its length is checked. Any other file (from an
+        here to the nanosecond): only its length is checked. Trust from a frame check
+        covers only a ``chunk`` with that frame digest (module docstring). Any other file (from an
         earlier run, possibly torn by a power cut; replaced or rewritten since) has its
         sha256 checked before a byte of it is used.
         """
@@ -383,10 +404,13 @@ class DiskCache:
                     st = os.fstat(fd)  # after the read: a write in between changed the mtime
                     with self._lock:
                         entry = self._entries.get(name)
-                        trusted = entry is not None and entry.verified == (st.st_ino, st.st_size, st.st_mtime_ns)
+                        trusted = (entry is not None and entry.verified == (st.st_ino, st.st_size, st.st_mtime_ns)
+                                   and (entry.frame is None or entry.frame == chunk.frame))
+                        frame = entry.frame if entry is not None and trusted else None
                         if trusted:
                             self.stats.trusted_hits += 1
-                    v = VerifiedChunk(chunk, data) if trusted and len(data) == chunk.ulen else verify_data(chunk, data)
+                    v = (VerifiedChunk(chunk, data, frame) if trusted and len(data) == chunk.ulen
+                         else verify_data(chunk, data))
                     stamp = _stamp(fd, st)  # also the access order, which survives a restart
                 finally:
                     os.close(fd)
@@ -406,7 +430,7 @@ class DiskCache:
             self.stats.hits += 1
             entry = self._entries.get(name)
             if entry is not None:
-                entry.verified = stamp
+                entry.verified, entry.frame = stamp, v.frame
                 self._entries.move_to_end(name)
         return v
 
@@ -418,10 +442,14 @@ class DiskCache:
                 self._entries.move_to_end(name)
                 return True
         path = self.path(name)
-        tmp = path.parent / f".tmp.{os.getpid()}.{secrets.token_hex(6)}"
+        # unique without a syscall: a random part drawn once per process, then a counter
+        tmp = path.parent / f".tmp.{os.getpid()}.{_TEMP_PREFIX}{next(_temp_numbers):x}"
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the first file of its folder (folders are made on demand)
+                path.parent.mkdir(exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 view = memoryview(v.data)
                 while view:
@@ -452,7 +480,7 @@ class DiskCache:
             if entry is None:
                 entry = self._entries[name] = _Entry(usage)
                 self._bytes += usage
-            entry.verified = stamp  # the file holds v.data, whose digest was checked
+            entry.verified, entry.frame = stamp, v.frame  # the file holds v.data, checked as v says
             self._entries.move_to_end(name)
             self._evict_locked()
         return True

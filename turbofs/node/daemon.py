@@ -66,6 +66,19 @@ def _set_readahead(mountpoint: Path, kb: int) -> None:
         log.warning("%s: could not raise readahead to %d KiB: %s", mountpoint, kb, exc)
 
 
+def process_age() -> float:
+    """Seconds since this process started (its exec, from /proc: Python's own start and
+    imports included), or since this module was imported where /proc does not say."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
+
+
 # -- the daemon --------------------------------------------------------------------------
 
 
@@ -84,6 +97,11 @@ class Daemon:
         self.erofs: erofsfs.ErofsMount | None = None
         self.failure: TurboError | None = None  # why the erofs mount could not be made
         self.opened: OpenedImage | None = None
+        #: seconds from the process's start to each step of the way to "ready" (status)
+        self.timeline: dict[str, float] = {}
+
+    def _mark(self, step: str) -> None:
+        self.timeline[step] = round(process_age(), 3)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -93,6 +111,7 @@ class Daemon:
             "uptime": round(time.time() - self.started, 3),
             "mode": self.mode,
             "memory": memory.rss_figures(),
+            "timeline": self.timeline,
         }
         if self.erofs is not None:
             out["erofs"] = self.erofs.status()
@@ -160,6 +179,7 @@ class Daemon:
             await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
             if self.req.readahead_kb:
                 await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
+        self._mark("ready")
         self.ready.set()
         self.notify("ready")
 
@@ -181,11 +201,13 @@ class Daemon:
 
     async def run(self) -> None:
         req = self.req
+        self._mark("started")
         self.state.mkdir(parents=True, exist_ok=True)
         erofsfs.clean_stale(self.state, req.mountpoint)  # reads the old pid file: first
         (self.state / "pid").write_text(f"{os.getpid()}\n")
         clean_stale(req.mountpoint)
         opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
+        self._mark("image_opened")
         self.opened = opened
         cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
         name = f"turbofs:{req.ref}"[:200].replace(",", "_")
@@ -219,6 +241,7 @@ class Daemon:
         """Build the presentation, mount it, and serve until it is unmounted."""
         req = self.req
         image = await self._erofs_image(opened.index)
+        self._mark("metadata")
         memory.trim()  # the metadata build's temporary objects
         if image is not None:
             self.mode = "erofs"
@@ -229,6 +252,7 @@ class Daemon:
             self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
             fuse_at, options = req.mountpoint, fuse_options(name, allow_other=req.allow_other)
         pyfuse3.init(self.ops, str(fuse_at), options)
+        self._mark("fuse_mounted")
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._control)
