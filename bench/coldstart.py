@@ -564,7 +564,8 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs, variant: 
             "bytes_total": b_all - b0, "on_demand_bytes_at_ready": int(on_demand),
             "fetch_at_ready": at_ready, "fetch_final": final, "prefetch_state": state,
             "prefetch_s": round(prefetch_s, 3), "prefetch": status.get("prefetch", {}),
-            "mount_daemon_started_at_s": daemon_start_after_s, "mode": status.get("mode"), "at_ready": at,
+            "mount_daemon_started_at_s": daemon_start_after_s, "daemon_timeline": status.get("timeline"),
+            "mode": status.get("mode"), "at_ready": at,
             **rss, "warm_s": round(warm_s, 3), "ready_line": lines[-1]}
 
 

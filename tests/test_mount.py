@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -292,3 +293,57 @@ def test_foreground_mode(tmp_path: Path, kitchen: LayoutImage) -> None:
     assert proc.returncode == 0
     assert not os.path.ismount(mp)
 
+
+
+# -- spare daemons (the snapshotter's DaemonMounter) -----------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_spare_daemon_takes_the_next_mount(tmp_path: Path, kitchen: LayoutImage) -> None:
+    from turbofs import mountctl
+    from turbofs.config import DaemonConfig
+    from turbofs.snapshotter.mounts import DaemonMounter
+
+    cfg = DaemonConfig(cache_dir=tmp_path / "cache").validate()
+    m = DaemonMounter(tmp_path / "run", cfg, spare=True, spare_delay=0.2)
+    mps = [tmp_path / "a", tmp_path / "b"]
+    try:
+        first = m.spare_pid
+        assert first is not None and m._spare is not None and m._spare.warm(30)
+        m.mount(f"oci:{kitchen.root}", mps[0], plain_http=False)
+        status = json.loads(mountctl.query(mps[0], "status", tmp_path / "run"))
+        assert status["pid"] == first  # the spare became the daemon of the mount...
+        assert diff_snapshots(snapshot_index(kitchen), snapshot_tree(mps[0])) == []  # ...and serves it
+        assert "ready" in status["timeline"] and status["timeline"]["ready"] > status["timeline"]["started"]
+        deadline = time.monotonic() + 30
+        while m.spare_pid in (None, first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = m.spare_pid
+        assert second not in (None, first)  # the next spare, started after the delay
+        # a spare that died is not used: the mount starts a daemon of its own
+        os.kill(second, signal.SIGKILL)
+        m.mount(f"oci:{kitchen.root}", mps[1], plain_http=False)
+        pid_b = json.loads(mountctl.query(mps[1], "status", tmp_path / "run"))["pid"]
+        assert pid_b not in (first, second) and (mps[1] / "etc" / "passwd").read_bytes()
+        deadline = time.monotonic() + 30
+        while m.spare_pid in (None, second) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third = m.spare_pid
+        assert third is not None and _alive(third)
+    finally:
+        m.close()
+        for mp in mps:
+            with contextlib.suppress(Exception):
+                m.unmount(mp)
+    # closing the mounter lets the waiting spare go; the mounts' daemons went with their unmounts
+    deadline = time.monotonic() + 10
+    while _alive(third) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(third) and not _alive(first) and not _alive(pid_b)

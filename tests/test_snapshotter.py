@@ -114,6 +114,9 @@ class FakeMounter:
         (mountpoint / "image").unlink(missing_ok=True)
         self.calls.append(f"unmount {mountpoint.name}")
 
+    def close(self) -> None:
+        pass  # the mounts stay, as with the real one
+
 
 def _fake_image(ref: str, layers: int = 3) -> TurboImage:
     diffs = tuple(f"sha256:{hashlib.sha256(f'{ref}/{i}'.encode()).hexdigest()}" for i in range(layers))

@@ -306,6 +306,9 @@ class SnapshotterConfig:
     registry_retries: int = DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES
     registry_timeout: float = DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT
     workers: int = DEFAULT_SNAPSHOTTER_WORKERS
+    #: keep one mount daemon started ahead of need (interpreter up, modules imported) and
+    #: hand the next mount to it: ~0.2 s less from a lazy pull to a ready mount
+    spare_daemon: bool = True
 
     def validate(self) -> SnapshotterConfig:
         self.address = Path(self.address)

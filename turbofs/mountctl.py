@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import select
@@ -29,6 +30,8 @@ log = logging.getLogger("turbofs.daemon")
 DEFAULT_RUN_DIR: Final = Path("/run/turbofs/mounts")
 READY_TIMEOUT: Final = 120.0
 UMOUNT_TIMEOUT: Final = 30.0
+#: Seconds a mount waits for a spare daemon that is still importing before starting anew.
+SPARE_WAIT: Final = 5.0
 
 
 @dataclass
@@ -95,19 +98,93 @@ def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
     return None
 
 
-def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool) -> int:
-    """Start the daemon as a detached process and return once the mount is ready."""
+class SpareDaemon:
+    """A mount daemon started ahead of need (:mod:`turbofs.node.spare`): its interpreter up
+    and its modules imported, it waits for the arguments of one mount. Handing it a mount
+    (:func:`mount_background`) saves that start, ~0.2 s of CPU here, on the way to a ready
+    mount. Detached like any daemon (its own session); it exits when :meth:`close` is
+    called or its starter goes away without handing it a mount (end of its input)."""
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "turbofs.node.spare", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(write_fd,), start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.events_fd = read_fd
+        self._warm = False
+        self._buf = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def warm(self, timeout: float = 0.0) -> bool:
+        """Whether its imports are done (it said ``spare``), waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self._warm and self.proc.poll() is None:
+            ready, _, _ = select.select([self.events_fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            piece = os.read(self.events_fd, 4096)
+            if not piece:
+                break
+            self._buf += piece
+            self._warm = b"spare\n" in self._buf
+        return self._warm
+
+    def hand(self, argv_tail: list[str], log_path: Path, timeout: float = SPARE_WAIT) -> subprocess.Popen[bytes]:
+        """Make it the daemon of ``turbofs ARGV_TAIL`` (waiting up to ``timeout`` s for a
+        spare still importing: it is ahead of a new process all the same); raises OSError
+        if it is gone. Its events pipe then belongs to the caller."""
+        if not self.warm(timeout) or self.proc.stdin is None or self.proc.poll() is not None:
+            raise OSError(errno.ESRCH, "the spare daemon is not ready or has exited")
+        self.proc.stdin.write(json.dumps({"argv": argv_tail, "log": str(log_path)}).encode() + b"\n")
+        self.proc.stdin.close()
+        return self.proc
+
+    def close(self) -> None:
+        """Let it go (it exits by itself) and release its pipe."""
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        with contextlib.suppress(OSError):
+            os.close(self.events_fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(2)
+
+
+def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool, spare: SpareDaemon | None = None) -> int:
+    """Start the daemon as a detached process and return once the mount is ready. A warm
+    ``spare`` becomes the daemon (then it is used up: the caller drops it), else a new
+    process starts."""
     state = state_dir(req.run_dir, req.mountpoint)
     state.mkdir(parents=True, exist_ok=True)
     log_path = state / "daemon.log"
-    read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "turbofs.cli", *argv_tail, "--foreground", "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            pass_fds=(write_fd,), start_new_session=True,
-        )
-    os.close(write_fd)
+    proc: subprocess.Popen[bytes] | None = None
+    read_fd = -1
+    if spare is not None:
+        try:
+            proc, read_fd = spare.hand(argv_tail, log_path), spare.events_fd
+        except OSError as exc:
+            log.info("spare daemon %d not usable (%s): starting a new one", spare.pid, exc)
+            spare.close()
+    if proc is None:
+        read_fd, write_fd = os.pipe()
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "turbofs.cli", *argv_tail, "--foreground", "--ready-fd", str(write_fd)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                pass_fds=(write_fd,), start_new_session=True,
+            )
+        os.close(write_fd)
     seen: set[str] = set()
     deadline = time.monotonic() + READY_TIMEOUT
     buf = b""

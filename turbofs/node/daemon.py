@@ -66,17 +66,28 @@ def _set_readahead(mountpoint: Path, kb: int) -> None:
         log.warning("%s: could not raise readahead to %d KiB: %s", mountpoint, kb, exc)
 
 
-def process_age() -> float:
-    """Seconds since this process started (its exec, from /proc: Python's own start and
-    imports included), or since this module was imported where /proc does not say."""
+_IMPORTED = time.monotonic()
+_handed: float | None = None  # when a spare daemon was handed its mount (monotonic)
+
+
+def handed_now() -> None:
+    """This process is a spare daemon that was just handed its mount (:mod:`turbofs.node.spare`):
+    its timeline counts from now, not from its start."""
+    global _handed
+    _handed = time.monotonic()
+
+
+def since_start() -> float:
+    """Seconds since this process started to serve its mount: since its exec (from /proc:
+    the interpreter's start and imports included; since this module's import where /proc
+    does not say), or, for a spare daemon, since it was handed the mount."""
+    if _handed is not None:
+        return time.monotonic() - _handed
     try:
         ticks = int(Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
         return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.monotonic() - _IMPORTED
-
-
-_IMPORTED = time.monotonic()
 
 
 # -- the daemon --------------------------------------------------------------------------
@@ -97,11 +108,12 @@ class Daemon:
         self.erofs: erofsfs.ErofsMount | None = None
         self.failure: TurboError | None = None  # why the erofs mount could not be made
         self.opened: OpenedImage | None = None
-        #: seconds from the process's start to each step of the way to "ready" (status)
+        #: seconds from the process's start (a spare's: its hand-over) to each step of the
+        #: way to "ready" (status)
         self.timeline: dict[str, float] = {}
 
     def _mark(self, step: str) -> None:
-        self.timeline[step] = round(process_age(), 3)
+        self.timeline[step] = round(since_start(), 3)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {

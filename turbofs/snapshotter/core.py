@@ -152,6 +152,7 @@ class Snapshotter:
         self._index_off = _OVERLAY_INDEX_PARAM.exists()
 
     def close(self) -> None:
+        self.mounter.close()
         self.store.close()
 
     # -- paths and mounts ----------------------------------------------------------------

@@ -157,7 +157,7 @@ class SnapshotterServer:
         dcfg = daemon_config(config_path)
         self.snapshotter = Snapshotter(
             cfg.root,
-            DaemonMounter(cfg.run_dir, dcfg, config_path),
+            DaemonMounter(cfg.run_dir, dcfg, config_path, spare=cfg.spare_daemon),
             Resolver(plain_http=cfg.plain_http, retries=cfg.registry_retries, timeout=cfg.registry_timeout,
                      turbo_tag_suffix=cfg.turbo_tag_suffix),
             cri_lookup=cfg.cri_lookup,
