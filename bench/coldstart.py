@@ -14,6 +14,10 @@ Paths, measured under the same conditions:
     --startup-trace``): the trace is what the working-set run below read (``turbofs trace``
     on its mount), recorded once per image and kept in the cache, like a user would record
     it once at push time.
+``turbofs+trace-nopush``
+    the same as ``turbofs+trace`` without the page-cache push of the recorded startup's
+    chunks (``[daemon] startup_notify_store = false``; on by default), for that choice side
+    by side.
 ``turbofs-fuse+trace``
     the traced image in the per-file FUSE presentation (``[daemon] mode = "fuse"``), for the
     two presentations side by side.
@@ -53,7 +57,7 @@ Output: raw JSON at ``--out`` (default ``bench/results/coldstart.json``), a char
 Command line::
 
     python -m bench.coldstart [--images python-1g,python-5g] [--runs 3] [--rate 1gbit|none]
-        [--variants turbofs,turbofs+trace,turbofs-fuse+trace] [--retrace]
+        [--variants turbofs,turbofs+trace,turbofs+trace-nopush,turbofs-fuse+trace] [--retrace]
         [--out bench/results/coldstart.json] [--merge EARLIER.json] [--no-chart]
 
 Images come from :mod:`bench.images` (cached); their turbo layouts and startup traces are
@@ -131,9 +135,15 @@ class Variant:
 
 VARIANTS: Final[dict[str, Variant]] = {
     v.name: v
-    for v in (Variant("turbofs", False), Variant("turbofs+trace", True), Variant("turbofs-fuse+trace", True, "fuse"))
+    for v in (
+        Variant("turbofs", False),
+        Variant("turbofs+trace", True),
+        # the same without the page-cache push of the startup's chunks (on by default)
+        Variant("turbofs+trace-nopush", True, None, (("startup_notify_store", False),)),
+        Variant("turbofs-fuse+trace", True, "fuse"),
+    )
 }
-DEFAULT_VARIANTS: Final = "turbofs,turbofs+trace,turbofs-fuse+trace"
+DEFAULT_VARIANTS: Final = "turbofs,turbofs+trace,turbofs+trace-nopush,turbofs-fuse+trace"
 
 
 BENCH_IMAGES: Final[dict[str, BenchImage]] = {
@@ -565,7 +575,7 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs, variant: 
             "fetch_at_ready": at_ready, "fetch_final": final, "prefetch_state": state,
             "prefetch_s": round(prefetch_s, 3), "prefetch": status.get("prefetch", {}),
             "mount_daemon_started_at_s": daemon_start_after_s, "daemon_timeline": status.get("timeline"),
-            "mode": status.get("mode"), "at_ready": at,
+            "mode": status.get("mode"), "erofs": status.get("erofs"), "at_ready": at,
             **rss, "warm_s": round(warm_s, 3), "ready_line": lines[-1]}
 
 

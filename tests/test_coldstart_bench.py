@@ -68,17 +68,22 @@ def test_coldstart_small_variant(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     (img,) = res["images"]
     by_path = {r["path"]: r for r in img["runs"]}
-    assert set(by_path) == {"standard", "turbofs", "turbofs+trace", "turbofs-fuse+trace"}
+    assert set(by_path) == {"standard", "turbofs", "turbofs+trace", "turbofs+trace-nopush", "turbofs-fuse+trace"}
     for row in by_path.values():
         assert row["ready_line"].startswith("READY") and 0 < row["ready_s"] < 120 and row["warm_s"] > 0
         assert row["bytes_at_ready"] > 0
     # the standard path downloads the whole compressed image; turbofs fetches it all by the end
     assert by_path["standard"]["bytes_total"] >= img["compressed_bytes"]
-    for name in ("turbofs", "turbofs+trace", "turbofs-fuse+trace"):
+    for name in ("turbofs", "turbofs+trace", "turbofs+trace-nopush", "turbofs-fuse+trace"):
         turbo = by_path[name]
         assert turbo["prefetch_state"] == "done" and turbo["peak_rss_kib"] > 0 and 0 < turbo["prefetch_s"] < 120
         assert turbo["at_ready"]["daemon_cpu_s"] > 0 and sum(turbo["at_ready"]["fuse_requests"].values()) > 0
     assert by_path["turbofs-fuse+trace"]["mode"] == "fuse"
+    # the recorded startup's chunks went into the page cache, unless the variant turned it off
+    pushed, not_pushed = by_path["turbofs+trace"]["erofs"], by_path["turbofs+trace-nopush"]["erofs"]
+    assert pushed["startup_notify_store"] == 1 and pushed["stored_chunks"] > 0
+    assert pushed["stored_chunks"] + pushed["store_errors"] >= img["working_set"]["trace"]["chunks"]
+    assert not not_pushed.get("startup_notify_store") and not not_pushed.get("stored_chunks")
     # the traced image's mount fetched the recorded startup first
     ws = img["working_set"]
     assert ws["trace"]["chunks"] > 0

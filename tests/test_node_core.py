@@ -555,6 +555,35 @@ def test_frame_checked_files_are_trusted_only_for_that_frame(tmp_path: Path) -> 
     assert got is not None and got.data == real and got.frame is None and other.stats.trusted_hits == 0
 
 
+def test_disk_tier_serves_trusted_page_cached_files_without_blocking(tmp_path: Path) -> None:
+    vs = [_synthetic(i) for i in range(4)]
+    root = tmp_path / "d"
+    disk = DiskCache(root, 1 << 20)
+    for v in vs:
+        assert disk.put(v)
+    got = disk.get_cached(vs[0].chunk)  # written here, so trusted, and still in the page cache
+    assert got == vs[0] and disk.stats.trusted_hits == 1
+    # bytes not in the page cache: no disk read in the caller's thread, the slow path reads them
+    with open(disk.path(vs[1].chunk.digest), "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if disk.get_cached(vs[1].chunk) is not None:  # the kernel may keep pages it was asked to drop
+        pytest.skip("the page cache kept the file's pages after POSIX_FADV_DONTNEED")
+    assert disk.get(vs[1].chunk) == vs[1]
+    # files it does not trust, or that changed, are never served this way
+    assert DiskCache(root, 1 << 20).get_cached(vs[2].chunk) is None  # another process: hashes first
+    with open(disk.path(vs[2].chunk.digest), "r+b") as f:
+        f.write(b"\0" * 16)
+    assert disk.get_cached(vs[2].chunk) is None and disk.get(vs[2].chunk) is None
+    framed, _ = _framed(vs[3].data, vs[3].data, 3)
+    assert disk.get_cached(framed) == VerifiedChunk(framed, vs[3].data, None)  # proven by digest: any frame
+    lying, lying_frame = _framed(b"other", vs[3].data, 4)
+    disk2 = DiskCache(tmp_path / "e", 1 << 20)
+    assert disk2.put(decode_frame(lying, lying_frame))
+    assert disk2.get_cached(lying) is not None  # trusted through this frame...
+    assert disk2.get_cached(dataclasses.replace(lying, frame=None)) is None  # ...only for it
+
+
 # ---------------------------------------------------------------------------------------
 # Faults
 

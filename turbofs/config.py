@@ -97,13 +97,15 @@ DEFAULT_PREFETCH_QUIET: Final = 0.5
 #: blobs, and smaller batches keep them arriving in the order the startup reads them.
 DEFAULT_PREFETCH_STARTUP_BATCH_BYTES: Final = 1 * MiB
 #: erofs mode: push each recorded-startup chunk, once in, into the kernel's page cache of
-#: the image file (FUSE notify_store), so erofs's reads of it never reach the daemon. Off:
-#: measured with bench/erofs_bench.py coldstart (python-1g traced, 1 Gbit/s, 6 interleaved
-#: pairs; bench/README.md, "A recorded startup's chunks pushed into the page cache") it cuts
-#: FUSE reads at READY from ~2,000 to ~15 and the app's time 2.7 -> 2.3 s, but READY stayed
-#: 4.3 s (more time before the app, +0.4-0.6 GB page cache); it helped (5.6 -> 4.2 s) only
-#: before the prefetch started ahead of the metadata build.
-DEFAULT_STARTUP_NOTIFY_STORE: Final = False
+#: the image file (FUSE notify_store), so erofs's reads of it never reach the daemon. On:
+#: with the cold path's CPU per byte down (frame digests, spare daemons), a start waits on
+#: FUSE round trips more than on the CPU, and the push takes them away. Measured side by
+#: side on the 1 Gbit/s link (bench/README.md, "Cold start"): python-5g READY 5.7 -> 4.5-4.7 s
+#: (FUSE reads at READY ~5,500 -> ~700, the app's own time 4.4 -> 3.3 s), python-1g 3.0 ->
+#: 2.5 s. Costs: the whole recorded startup lands in the page cache at once (reclaimable;
+#: ~0.8 GB for python-5g), and ~0.3-1 s more daemon CPU by READY. Earlier, when the path
+#: was CPU-bound (session 2's code), it did not bring READY forward.
+DEFAULT_STARTUP_NOTIFY_STORE: Final = True
 DEFAULT_PREFETCH_BACKOFF: Final = 1.0  # seconds after a failed prefetch fetch, doubled per failure
 DEFAULT_PREFETCH_BACKOFF_MAX: Final = 60.0
 #: Prefetch stops once it has written this share of the disk cache bound (it would

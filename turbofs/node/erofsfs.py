@@ -22,8 +22,8 @@ metrics are the per-file mode's) and zeros. Errors become errno values in one pl
 Metadata (:func:`prepare`): built from the index and checked, or loaded from the node's
 cache folder (``<cache_dir>/erofs/``, turbofs/erofs/cache.py) and checked the same way.
 
-Startup chunks into the page cache (``[daemon] startup_notify_store``, off by default: see
-bench/README.md; :class:`PageCacheStore`):
+Startup chunks into the page cache (``[daemon] startup_notify_store``, on by default: see
+turbofs/config.py and bench/README.md; :class:`PageCacheStore`):
 erofs reads the image file buffered (``directio`` off), through the FUSE file's page cache.
 Each chunk of a recorded startup that the prefetcher brings in is pushed into that page
 cache (``pyfuse3.notify_store`` of the chunk's block range of the image file, zero-padded

@@ -253,6 +253,10 @@ class NodeMetrics(Registry):
         )
         self.reads = self.counter("turbofs_reads_total", "Reads served.")
         self.read_bytes = self.counter("turbofs_read_bytes_total", "Bytes returned by reads.")
+        self.read_waits = self.counter(
+            "turbofs_read_waits_total", "Reads that waited for chunks (on the disk tier or the registry).", ["on"])
+        self.read_wait_seconds = self.counter(
+            "turbofs_read_wait_seconds_total", "Seconds reads spent waiting for chunks.", ["on"])
         self._prefetch: dict[str, Callable[[], dict[str, float]]] = {}
         self.gauge(
             "turbofs_prefetch", "Background prefetch of each image: chunks and compressed bytes done and total.",

@@ -63,6 +63,10 @@ class FetchKind(enum.StrEnum):
     STARTUP = "startup"  # prefetch of a recorded startup's chunks: reads will want them soon (RAM and disk)
 
 
+#: The kind a read waiting on flights of several kinds is counted under: the first here.
+_WAIT_ORDER: Final = [FetchKind.STARTUP, FetchKind.PREFETCH, FetchKind.READAHEAD, FetchKind.DEMAND]
+
+
 class ChunkState(enum.StrEnum):
     MISSING = "missing"
     FETCHING = "fetching"
@@ -255,7 +259,8 @@ class ChunkReader:
         return (await self.read_chunks([chunk], ino=ino))[chunk.id]
 
     def _from_ram(self, chunks: Sequence[Chunk]) -> tuple[dict[int, bytes], dict[int, Chunk]]:
-        """The chunks the RAM tier holds (by id), and the others (by id, once each)."""
+        """The chunks the RAM tier holds (by id), or the disk tier without blocking (a
+        trusted file in the page cache), and the others (by id, once each)."""
         datas: dict[int, bytes] = {}
         missing: dict[int, Chunk] = {}
         trace = self._trace
@@ -266,6 +271,8 @@ class ChunkReader:
             if c.id not in trace:
                 trace[c.id] = None
             data = self.cache.get_ram(c)
+            if data is None and c.id not in self._flights:
+                data = self.cache.get_disk_cached(c)
             if data is None:
                 missing[c.id] = c
             else:
@@ -433,6 +440,10 @@ class ChunkReader:
         if self._demand_waiting == 0:
             self._demand_idle = trio.Event()
         self._demand_waiting += 1
+        # what the read waits on: its own fetch, or one the prefetch (a recorded startup's,
+        # or the background's) had started; the disk tier's loads count as the fetches do
+        on = min((f.kind for f in flights), key=_WAIT_ORDER.index).value
+        t0 = trio.current_time()
         try:
             with trio.move_on_after(self.cfg.read_timeout) as scope:
                 for f in flights:
@@ -441,8 +452,11 @@ class ChunkReader:
             for f in flights:
                 f.waiters -= 1
             self._demand_waiting -= 1
+            now = trio.current_time()
+            self.metrics.read_waits.inc(on=on)
+            self.metrics.read_wait_seconds.inc(now - t0, on=on)
             if self._demand_waiting == 0:
-                self._demand_last = trio.current_time()
+                self._demand_last = now
                 self._demand_idle.set()
         if scope.cancelled_caught:
             late = next(f for f in flights if not f.done.is_set())
