@@ -58,6 +58,7 @@ Command line::
 
     python -m bench.coldstart [--images python-1g,python-5g] [--runs 3] [--rate 1gbit|none]
         [--variants turbofs,turbofs+trace,turbofs+trace-nopush,turbofs-fuse+trace] [--retrace]
+        [--trace-from IMAGE]
         [--out bench/results/coldstart.json] [--merge EARLIER.json] [--no-chart]
 
 Images come from :mod:`bench.images` (cached); their turbo layouts and startup traces are
@@ -455,15 +456,15 @@ def _turbofs_argv(node: Node, image: BenchImage, ref: str) -> list[str]:
     return [*argv, ref]
 
 
-def working_set(node: Node, link: Link, image: BenchImage, refs: Refs, trace_out: Path | None) -> dict[str, Any]:
-    """A cold ``turbofs run`` of the image without a recorded startup and without background
-    prefetch: what the startup itself fetches. With ``trace_out``, what it read is written
-    there as a startup trace (``turbofs trace``)."""
+def working_set(node: Node, link: Link, image: BenchImage, ref: str, trace_out: Path | None) -> dict[str, Any]:
+    """A cold ``turbofs run`` of the turbo image ``ref`` without background prefetch (so a
+    recorded startup in it changes nothing): what the startup itself fetches. With
+    ``trace_out``, what it read is written there as a startup trace (``turbofs trace``)."""
     from turbofs import mountctl
 
     node.reset(prefetch=False)
     b0 = link.rx_bytes()
-    ready_s, lines = _timed_ready(_turbofs_argv(node, image, refs.turbo))
+    ready_s, lines = _timed_ready(_turbofs_argv(node, image, ref))
     b1 = link.rx_bytes()
     sn = node.snap
     (mp,) = sn.turbofs_mounts()
@@ -584,33 +585,44 @@ def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs, variant: 
 
 def bench_image(
     image: BenchImage, runs: int, link: Link, regs: tuple[RegDistribution, RegTurbofs],
-    variants: Sequence[Variant], *, retrace: bool = False,
+    variants: Sequence[Variant], *, retrace: bool = False, trace_from: str | None = None,
 ) -> dict[str, Any]:
+    """``trace_from``: use the startup trace recorded for that image (whose startup reads the
+    same files) instead of recording one; then, when no path needs the turbo image without
+    a trace, that image is neither built nor pushed (python-10g: ~7 GB less scratch space)."""
     from bench.images import INFO_FILE, ensure_image
 
     layout = ensure_image(image.name)
     info = json.loads((layout / INFO_FILE).read_text())
-    turbo = turbo_layout(image.name, layout)
     dist, treg = regs
     refs = Refs(f"{dist.host_port}/{image.name}:latest", f"{treg.host_port}/{image.name}:turbo",
                 f"{treg.host_port}/{image.name}:traced")
+    want_trace = any(v.traced for v in variants)
+    if trace_from is not None:
+        trace = trace_path(trace_from, ensure_image(trace_from))
+        if not trace.is_file():
+            raise SystemExit(f"no recorded startup trace of {trace_from} ({trace}): run the benchmark on it first")
+    else:
+        trace = trace_path(image.name, layout)
+    record = want_trace and trace_from is None and (retrace or not trace.is_file())
+    plain_turbo = record or not want_trace or any(not v.traced for v in variants)
     log(f"{image.name}: copying into both registries")
     skopeo_copy(f"oci:{layout}:latest", f"docker://{refs.plain}", "--preserve-digests")
-    turbofs_push(turbo, refs.turbo)
+    turbo = turbo_layout(image.name, layout, None if plain_turbo else trace)
+    turbofs_push(turbo, refs.turbo if plain_turbo else refs.traced)
     turbo_bytes = sum(f.stat().st_size for f in (turbo / "blobs").rglob("*") if f.is_file())
-    want_trace = any(v.traced for v in variants)
-    trace = trace_path(image.name, layout)
-    record = want_trace and (retrace or not trace.is_file())
     rows: list[dict[str, Any]] = []
     node = Node()
     try:
-        ws = with_app_times(working_set(node, link, image, refs, trace if record else None))
+        ws = with_app_times(working_set(node, link, image, refs.turbo if plain_turbo else refs.traced,
+                                        trace if record else None))
         log(f"{image.name} working set: {ws['working_set_bytes'] / 1e6:.0f} MB "
             f"(READY after {ws['ready_s']:.2f} s without prefetch)")
         if want_trace:
             traced = turbo_layout(image.name, layout, trace)
-            turbofs_push(traced, refs.traced)
-            ws["trace"] = {"file": str(trace), "recorded_now": record, "layout": str(traced),
+            if plain_turbo:
+                turbofs_push(traced, refs.traced)
+            ws["trace"] = {"file": str(trace), "recorded_now": record, "layout": str(traced), "from_image": trace_from,
                            "chunks": len(json.loads(trace.read_text())["chunks"])}
         paths: list[Variant | None] = [None, *variants]  # None: the standard path
         for i in range(runs):
@@ -798,6 +810,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated turbofs paths, of {', '.join(VARIANTS)}")
     p.add_argument("--retrace", action="store_true",
                    help="record the startup trace again (default: reuse the one recorded earlier for the image)")
+    p.add_argument("--trace-from", metavar="IMAGE",
+                   help="use IMAGE's recorded startup trace (an image with the same app, e.g. python-5g for "
+                   "python-10g) instead of recording one; the turbo image without a trace is then only built "
+                   "for the turbofs path")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--merge", type=Path, help="keep the images of this earlier results file (same link) "
                    "that this run does not measure, in the JSON, table and chart")
@@ -806,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCH_IMAGES]
     if unknown or args.runs < 1:
         p.error(f"unknown images {unknown} (known: {', '.join(BENCH_IMAGES)})" if unknown else "--runs >= 1")
+    if args.trace_from is not None and args.trace_from not in BENCH_IMAGES:
+        p.error(f"--trace-from {args.trace_from}: unknown image (known: {', '.join(BENCH_IMAGES)})")
     vnames = [n.strip() for n in args.variants.split(",") if n.strip()]
     bad = [n for n in vnames if n not in VARIANTS]
     if bad or not vnames:
@@ -819,7 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with bench_env(args.rate) as (link, regs, meta):
         results["link"] = meta
         results["variants"] = vnames
-        results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs, variants, retrace=args.retrace)
+        results["images"] = [bench_image(BENCH_IMAGES[n], args.runs, link, regs, variants, retrace=args.retrace,
+                                         trace_from=args.trace_from)
                              for n in names]
     if args.merge is not None and args.merge.is_file():
         earlier = json.loads(args.merge.read_text())
