@@ -150,7 +150,7 @@ DEFAULT_VARIANTS: Final = "turbofs,turbofs+trace,turbofs+trace-nopush,turbofs-fu
 BENCH_IMAGES: Final[dict[str, BenchImage]] = {
     "python-1g": BenchImage("python-1g"),
     "python-5g": BenchImage("python-5g"),
-    "python-10g": BenchImage("python-10g"),  # needs ~50 GB of scratch space (bench/README.md)
+    "python-10g": BenchImage("python-10g"),  # ~40 GB of scratch space with --variants turbofs+trace (bench/README.md)
     # CI's small variant: reads a few files of the image, then prints READY
     "sample": BenchImage("sample", ("sh", "-c", "cat /app/run.sh /app/VERSION >/dev/null && echo READY 0")),
 }
