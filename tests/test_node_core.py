@@ -472,12 +472,18 @@ def test_ram_tier_lets_go_of_what_it_evicts() -> None:
     assert refs == before[39] and ram.used_bytes == len(vs[38].data)
 
 
-def test_disk_tier_trusts_only_files_this_process_checked(tmp_path: Path) -> None:
-    vs = [_synthetic(i) for i in range(4)]
-    root = tmp_path / "d"
+def _filled_disk(root: Path, n: int = 4) -> tuple[DiskCache, list[VerifiedChunk]]:
+    """A disk tier at ``root`` into which this process wrote ``n`` synthetic chunks."""
+    vs = [_synthetic(i) for i in range(n)]
     disk = DiskCache(root, 1 << 20)
     for v in vs:
         assert disk.put(v)
+    return disk, vs
+
+
+def test_disk_tier_trusts_only_files_this_process_checked(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    disk, vs = _filled_disk(root)
     # written here, from checked bytes: loaded without a second sha256
     assert disk.get(vs[0].chunk) == vs[0] and disk.stats.trusted_hits == 1
     # a new process (a new DiskCache on the folder) checks each file once, then trusts it
@@ -556,11 +562,8 @@ def test_frame_checked_files_are_trusted_only_for_that_frame(tmp_path: Path) -> 
 
 
 def test_disk_tier_serves_trusted_page_cached_files_without_blocking(tmp_path: Path) -> None:
-    vs = [_synthetic(i) for i in range(4)]
     root = tmp_path / "d"
-    disk = DiskCache(root, 1 << 20)
-    for v in vs:
-        assert disk.put(v)
+    disk, vs = _filled_disk(root)
     got = disk.get_cached(vs[0].chunk)  # written here, so trusted, and still in the page cache
     assert got == vs[0] and disk.stats.trusted_hits == 1
     # bytes not in the page cache: no disk read in the caller's thread, the slow path reads them

@@ -223,6 +223,14 @@ class _Entry:
     #: the trust then extends only to chunks with that same frame digest.
     frame: bytes | None = None
 
+    def vouches_for(self, chunk: Chunk, st: os.stat_result | None = None) -> bool:
+        """Whether the file's bytes need no sha256 for ``chunk``: checked by this process, by
+        a check that covers ``chunk`` (see ``frame``), and, given the file's ``st``, unchanged
+        since (its stamp)."""
+        if self.verified is None or (self.frame is not None and self.frame != chunk.frame):
+            return False
+        return st is None or self.verified == (st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 def _usage(size: int) -> int:
     return max(DISK_BLOCK, -(-size // DISK_BLOCK) * DISK_BLOCK)
@@ -406,8 +414,7 @@ class DiskCache:
                     st = os.fstat(fd)  # after the read: a write in between changed the mtime
                     with self._lock:
                         entry = self._entries.get(name)
-                        trusted = (entry is not None and entry.verified == (st.st_ino, st.st_size, st.st_mtime_ns)
-                                   and (entry.frame is None or entry.frame == chunk.frame))
+                        trusted = entry is not None and entry.vouches_for(chunk, st)
                         frame = entry.frame if entry is not None and trusted else None
                         if trusted:
                             self.stats.trusted_hits += 1
@@ -450,32 +457,27 @@ class DiskCache:
         name = chunk.digest.hex()
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None or entry.verified is None or (entry.frame is not None and entry.frame != chunk.frame):
+            if entry is None or not entry.vouches_for(chunk):
                 return None
-            stamp, frame = entry.verified, entry.frame
-            entry.pins += 1
-        try:
-            buf = bytearray(chunk.ulen)
-            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+        with self.pinned(chunk.digest):
             try:
-                n = os.preadv(fd, [buf], 0, os.RWF_NOWAIT)
-                st = os.fstat(fd)  # after the read: a write in between changed the mtime
-            finally:
-                os.close(fd)
-        except OSError:  # BlockingIOError (not all cached), gone, ...: the slow path decides
-            return None
-        finally:
-            with self._lock:
-                entry.pins -= 1
-                if self._bytes > self.max_bytes:
-                    self._evict_locked()
-        if n != chunk.ulen or (st.st_ino, st.st_size, st.st_mtime_ns) != stamp or st.st_size != chunk.ulen:
-            return None
+                buf = bytearray(chunk.ulen)
+                fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    n = os.preadv(fd, [buf], 0, os.RWF_NOWAIT)
+                    st = os.fstat(fd)  # after the read: a write in between changed the mtime
+                finally:
+                    os.close(fd)
+            except OSError:  # BlockingIOError (not all cached), gone, ...: the slow path decides
+                return None
         with self._lock:
+            if n != chunk.ulen or st.st_size != chunk.ulen or not entry.vouches_for(chunk, st):
+                return None
             self.stats.hits += 1
             self.stats.trusted_hits += 1
             if self._entries.get(name) is entry:
                 self._entries.move_to_end(name)
+            frame = entry.frame
         return VerifiedChunk(chunk, bytes(buf), frame)
 
     def put(self, v: VerifiedChunk) -> bool:

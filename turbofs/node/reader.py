@@ -4,6 +4,8 @@
 
     map_range -> slices of chunks (holes read as zeros)
       -> RAM tier hit: slice the decompressed chunk (no await, no thread)
+      -> disk tier hit on a file this process trusts, all in the page cache: the same
+         (``preadv(RWF_NOWAIT)``, no sha256)
       -> else join or start a *flight* for the chunk, wait (at most read_timeout):
            disk tier (decompress + verify) or source.fetch (coalesced ranges)
            -> decompress ONCE + sha256 check -> disk tier (+ RAM) -> every waiter
@@ -238,7 +240,7 @@ class ChunkReader:
         if not slices:
             return b""
         end = slices[-1].file_offset + slices[-1].length
-        datas, missing = self._from_ram([s.chunk for s in slices if s.chunk is not None])
+        datas, missing = self._from_caches([s.chunk for s in slices if s.chunk is not None])
         if missing:
             flights = self._start(list(missing.values()), FetchKind.DEMAND)
             self._readahead(ino, offset, end)
@@ -258,7 +260,7 @@ class ChunkReader:
         """The whole uncompressed chunk (for a reader of chunks rather than files)."""
         return (await self.read_chunks([chunk], ino=ino))[chunk.id]
 
-    def _from_ram(self, chunks: Sequence[Chunk]) -> tuple[dict[int, bytes], dict[int, Chunk]]:
+    def _from_caches(self, chunks: Sequence[Chunk]) -> tuple[dict[int, bytes], dict[int, Chunk]]:
         """The chunks the RAM tier holds (by id), or the disk tier without blocking (a
         trusted file in the page cache), and the others (by id, once each)."""
         datas: dict[int, bytes] = {}
@@ -282,7 +284,7 @@ class ChunkReader:
     async def read_chunks(self, chunks: Sequence[Chunk], *, ino: int | None = None) -> dict[int, bytes]:
         """Whole uncompressed chunks by id; the missing ones are fetched together (one
         coalesced request where they are adjacent in a blob), not one request each."""
-        datas, missing = self._from_ram(chunks)
+        datas, missing = self._from_caches(chunks)
         if missing:
             datas.update(await self._wait(self._start(list(missing.values()), FetchKind.DEMAND), ino))
         return datas
