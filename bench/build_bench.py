@@ -221,9 +221,11 @@ def build_subprocess(layout: Path, out: Path, chunk_size: int, level: int) -> di
     result["cpu_system_seconds"] = round(usage.ru_stime, 3)
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
     result["cpu_utilisation"] = round((usage.ru_utime + usage.ru_stime) / wall, 2)
+    from turbofs.format import REVISION
+
     digest, _ = source_manifest(layout)
     stamp = {"source": str(layout), "source_manifest": digest, "chunk_size": chunk_size,
-             "zstd_level": level, "result": result}
+             "zstd_level": level, "format_revision": REVISION, "result": result}
     _stamp_path(out).write_text(json.dumps(stamp, indent=2) + "\n")
     return result
 
@@ -231,8 +233,10 @@ def build_subprocess(layout: Path, out: Path, chunk_size: int, level: int) -> di
 def ensure_variant(image: str, chunk_size: int, level: int, *, rebuild: bool = False) -> Path:
     """The turbo image of ``image`` built with this chunk size and level, built if missing.
 
-    A kept build is reused when its stamp names the same source manifest and it opens.
+    A kept build is reused when its stamp names the same source manifest and the index
+    revision this code writes, and it opens.
     """
+    from turbofs.format import REVISION
     from turbofs.image import open_layout_image
 
     layout = _layout(image)
@@ -243,6 +247,7 @@ def ensure_variant(image: str, chunk_size: int, level: int, *, rebuild: bool = F
             stamp = json.loads(_stamp_path(out).read_text())
             if (
                 stamp.get("source_manifest") == digest
+                and stamp.get("format_revision") == REVISION
                 and stamp.get("chunk_size") == chunk_size
                 and open_layout_image(out, TAG).index.chunk_size == chunk_size
             ):
