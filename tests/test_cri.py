@@ -86,6 +86,21 @@ def _log_lines(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _start_container(cri: Cri, pod: str, config: cri_pb2.ContainerConfig,
+                     sandbox_config: cri_pb2.PodSandboxConfig) -> str:
+    """Create and start a container in ``pod``; its id."""
+    cid: str = cri.runtime("CreateContainer", cri_pb2.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=sandbox_config), cri_pb2.CreateContainerResponse).container_id
+    cri.runtime("StartContainer", cri_pb2.StartContainerRequest(container_id=cid), cri_pb2.StartContainerResponse)
+    return cid
+
+
+def _status(cri: Cri, cid: str) -> cri_pb2.ContainerStatus:
+    status: cri_pb2.ContainerStatus = cri.runtime(
+        "ContainerStatus", cri_pb2.ContainerStatusRequest(container_id=cid), cri_pb2.ContainerStatusResponse).status
+    return status
+
+
 @pytest.fixture(scope="module")
 def cri_node(turbofs_snapshotter: SnapshotterProcess, shared_turbofs_registry: TurbofsRegistry,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CriContainerd, Cri, dict[str, str]]]:
@@ -179,16 +194,9 @@ def test_pod_runs_a_lazily_pulled_image(
             envs=[cri_pb2.KeyValue(key="GREETING", value="hi")],
             log_path="app/0.log",
         )
-        cid = cri.runtime("CreateContainer", cri_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod, config=config, sandbox_config=sandbox_config), cri_pb2.CreateContainerResponse).container_id
-        cri.runtime("StartContainer", cri_pb2.StartContainerRequest(container_id=cid), cri_pb2.StartContainerResponse)
-
-        def status() -> cri_pb2.ContainerStatus:
-            return cri.runtime("ContainerStatus", cri_pb2.ContainerStatusRequest(container_id=cid),
-                               cri_pb2.ContainerStatusResponse).status
-
-        _wait_for(lambda: status().state == cri_pb2.CONTAINER_EXITED, "the container to exit")
-        st = status()
+        cid = _start_container(cri, pod, config, sandbox_config)
+        _wait_for(lambda: _status(cri, cid).state == cri_pb2.CONTAINER_EXITED, "the container to exit")
+        st = _status(cri, cid)
         assert (st.exit_code, st.reason) == (0, "Completed"), st
         assert st.log_path == str(logs / "app/0.log")
         assert _log_lines(Path(st.log_path)) == [("stdout", f"sample app 1.1.0 says: hi {marker}"),
@@ -198,9 +206,7 @@ def test_pod_runs_a_lazily_pulled_image(
         long = cri_pb2.ContainerConfig(metadata=cri_pb2.ContainerMetadata(name="sleeper"),
                                        image=cri_pb2.ImageSpec(image=image_ref), command=["sh", "-c"],
                                        args=["cat /app/VERSION; exec sleep 300"], log_path="sleeper/0.log")
-        cid2 = cri.runtime("CreateContainer", cri_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod, config=long, sandbox_config=sandbox_config), cri_pb2.CreateContainerResponse).container_id
-        cri.runtime("StartContainer", cri_pb2.StartContainerRequest(container_id=cid2), cri_pb2.StartContainerResponse)
+        cid2 = _start_container(cri, pod, long, sandbox_config)
         log2 = logs / "sleeper/0.log"
         _wait_for(lambda: log2.exists() and bool(_log_lines(log2)), "the sleeper's first line")
         assert _log_lines(log2) == [("stdout", "1.1.0")]
@@ -260,17 +266,11 @@ def _run_in_pod(cri: Cri, logs_dir: str, image_ref: str, command: list[str]) -> 
     try:
         config = cri_pb2.ContainerConfig(metadata=cri_pb2.ContainerMetadata(name="c"), image=cri_pb2.ImageSpec(image=image_ref),
                                          command=command, log_path="c/0.log")
-        cid = cri.runtime("CreateContainer", cri_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod, config=config, sandbox_config=sandbox_config), cri_pb2.CreateContainerResponse).container_id
-        cri.runtime("StartContainer", cri_pb2.StartContainerRequest(container_id=cid), cri_pb2.StartContainerResponse)
-
-        def status() -> cri_pb2.ContainerStatus:
-            return cri.runtime("ContainerStatus", cri_pb2.ContainerStatusRequest(container_id=cid),
-                               cri_pb2.ContainerStatusResponse).status
-
-        _wait_for(lambda: status().state == cri_pb2.CONTAINER_EXITED, "the container to exit")
-        assert status().exit_code == 0, (status(), Path(status().log_path).read_text())
-        lines = _log_lines(Path(status().log_path))
+        cid = _start_container(cri, pod, config, sandbox_config)
+        _wait_for(lambda: _status(cri, cid).state == cri_pb2.CONTAINER_EXITED, "the container to exit")
+        st = _status(cri, cid)
+        assert st.exit_code == 0, (st, Path(st.log_path).read_text())
+        lines = _log_lines(Path(st.log_path))
         cri.runtime("RemoveContainer", cri_pb2.RemoveContainerRequest(container_id=cid), cri_pb2.RemoveContainerResponse)
         return lines
     finally:
