@@ -50,7 +50,7 @@ import zstandard
 from isal import isal_zlib
 
 from bench.images import cache_dir, ensure_image
-from turbofs.config import DEFAULT_CHUNK_SIZE, BuildConfig, KiB, MiB
+from turbofs.core.config import DEFAULT_CHUNK_SIZE, BuildConfig, KiB, MiB
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def build_subprocess(layout: Path, out: Path, chunk_size: int, level: int) -> di
     result["cpu_system_seconds"] = round(usage.ru_stime, 3)
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
     result["cpu_utilisation"] = round((usage.ru_utime + usage.ru_stime) / wall, 2)
-    from turbofs.format import REVISION
+    from turbofs.core.format import REVISION
 
     digest, _ = source_manifest(layout)
     stamp = {"source": str(layout), "source_manifest": digest, "chunk_size": chunk_size,
@@ -236,8 +236,8 @@ def ensure_variant(image: str, chunk_size: int, level: int, *, rebuild: bool = F
     A kept build is reused when its stamp names the same source manifest and the index
     revision this code writes, and it opens.
     """
-    from turbofs.format import REVISION
-    from turbofs.image import open_layout_image
+    from turbofs.core.format import REVISION
+    from turbofs.core.image import open_layout_image
 
     layout = _layout(image)
     out = variant_dir(image, chunk_size, level)

@@ -281,8 +281,8 @@ def turbo_layout(name: str, layout: Path, trace: Path | None = None) -> Path:
     import hashlib
 
     from index_builder.builder import build
-    from turbofs.format import REVISION
-    from turbofs.trace import load
+    from turbofs.core.format import REVISION
+    from turbofs.core.trace import load
 
     suffix = "" if trace is None else "-trace-" + hashlib.sha256(trace.read_bytes()).hexdigest()[:12]
     out = coldstart_cache() / f"{name}-{_stamp(layout)}-turbo-{REVISION}{suffix}"
@@ -460,7 +460,7 @@ def working_set(node: Node, link: Link, image: BenchImage, ref: str, trace_out: 
     """A cold ``turbofs run`` of the turbo image ``ref`` without background prefetch (so a
     recorded startup in it changes nothing): what the startup itself fetches. With
     ``trace_out``, what it read is written there as a startup trace (``turbofs trace``)."""
-    from turbofs import mountctl
+    from turbofs.mount import ctl as mountctl
 
     node.reset(prefetch=False)
     b0 = link.rx_bytes()
@@ -490,7 +490,7 @@ class PrefetchWatcher(threading.Thread):
         self.error = ""
 
     def run(self) -> None:
-        from turbofs import mountctl
+        from turbofs.mount import ctl as mountctl
 
         deadline = time.monotonic() + PREFETCH_TIMEOUT
         while not self.stop and time.monotonic() < deadline:
@@ -521,7 +521,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def run_turbofs(node: Node, link: Link, image: BenchImage, refs: Refs, variant: Variant) -> dict[str, Any]:
-    from turbofs import mountctl
+    from turbofs.mount import ctl as mountctl
 
     sn = node.snap
     argv = _turbofs_argv(node, image, refs.traced if variant.traced else refs.turbo)

@@ -61,9 +61,9 @@ READ_SIZE: Final = 1 << 20
 DAEMON: Final = """
 import json, sys
 from pathlib import Path
-from turbofs.config import daemon_config
-from turbofs.mountctl import MountRequest
-from turbofs.node.daemon import run_foreground
+from turbofs.core.config import daemon_config
+from turbofs.mount.ctl import MountRequest
+from turbofs.mount.daemon import run_foreground
 a = json.loads(sys.argv[1])
 cfg = daemon_config(Path("/dev/null"), cache_dir=Path(a["cache_dir"]), mode="erofs", prefetch=False)
 run_foreground(MountRequest(a["ref"], Path(a["mp"]), cfg, run_dir=Path(a["run_dir"]), readahead_kb=a["ra"]))
@@ -178,7 +178,7 @@ class Bench:
 
 
 def largest_file(layout: Path) -> str:
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     index = open_layout_image(layout).index
     best, size = "", -1

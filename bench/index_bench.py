@@ -52,8 +52,8 @@ from bench.build_bench import (
     median_min_max,
     write_results,
 )
-from turbofs.config import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, KiB
-from turbofs.format import ALIGN, HEADER_SIZE, Blob, Chunk, Index, InodeSpec, encode
+from turbofs.core.config import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, KiB
+from turbofs.core.format import ALIGN, HEADER_SIZE, Blob, Chunk, Index, InodeSpec, encode
 
 LOAD_REPEATS: Final = 20
 ENCODE_REPEATS: Final = 3
@@ -475,7 +475,7 @@ def bench_synthetic(n_files: int, n_dirs: int) -> dict[str, Any]:
 
 
 def bench_real(image: str) -> dict[str, Any]:
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     out = ensure_variant(image, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL)
     img = open_layout_image(out, TAG)

@@ -112,7 +112,7 @@ from bench.build_bench import (
 )
 from bench.images import DigestingWriter
 from bench.netlink import NetnsLink
-from turbofs.config import (
+from turbofs.core.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
     BuildConfig,
@@ -392,7 +392,7 @@ def images_root() -> Path:
 
 def ensure_synthetic(name: str, params: dict[str, Any], fill: Callable[[tarfile.TarFile], None]) -> Path:
     """The turbo layout of synthetic image ``name`` (built unless a stamp with ``params`` is there)."""
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     root = images_root()
     out = root / name
@@ -425,7 +425,7 @@ def ensure_synthetic(name: str, params: dict[str, Any], fill: Callable[[tarfile.
 
 
 def layout_figures(layout: Path) -> dict[str, Any]:
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     img = open_layout_image(layout, TAG)
     ix = img.index
@@ -519,7 +519,7 @@ def upload_random_blob(registry: str, repo: str, size: int, seed: int) -> str:
     """Upload ``size`` random bytes as a blob (for measuring a link with a plain GET)."""
     import trio
 
-    from turbofs.registry_client import RegistryClient
+    from turbofs.core.registry import RegistryClient
 
     data = _RandomReader(seed, size).read()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -611,7 +611,7 @@ class Mounts:
         return Mounted(mp, int(m[1]), seconds)
 
     def pid_file(self, mp: Path) -> Path:
-        from turbofs.node.daemon import state_dir
+        from turbofs.mount.ctl import state_dir
 
         return state_dir(self.run_dir, mp) / "pid"
 
@@ -629,13 +629,13 @@ class Mounts:
                     os.kill(pid, signal.SIGTERM)
 
     def status(self, mp: Path) -> dict[str, Any]:
-        from turbofs.node.daemon import query
+        from turbofs.mount.ctl import query
 
         result: dict[str, Any] = json.loads(query(mp, "status", self.run_dir))
         return result
 
     def metrics(self, mp: Path) -> dict[str, float]:
-        from turbofs.node.daemon import query
+        from turbofs.mount.ctl import query
 
         return parse_metrics(query(mp, "metrics", self.run_dir))
 
@@ -706,8 +706,8 @@ def import_times(runs: int) -> dict[str, Any]:
     """Interpreter start and the imports each of the two processes of a mount does."""
     cases = {
         "python_start": "pass",
-        "cli_imports": "import turbofs.cli, turbofs.config",
-        "daemon_imports": "import turbofs.cli, turbofs.config, turbofs.node.daemon",
+        "cli_imports": "import turbofs.cli, turbofs.core.config",
+        "daemon_imports": "import turbofs.cli, turbofs.core.config, turbofs.mount.daemon",
     }
     out: dict[str, Any] = {}
     for name, code in cases.items():
@@ -724,14 +724,14 @@ def open_steps(registry: str, repo: str, tag: str, runs: int) -> dict[str, Any]:
     """The daemon's steps before mounting, timed one by one in this process."""
     import trio
 
-    from turbofs.image import load_index, parse_manifest
+    from turbofs.core.image import load_index, parse_manifest
+    from turbofs.core.registry import RegistryClient
     from turbofs.node.cache import ChunkCache
-    from turbofs.registry_client import RegistryClient
 
     rows: list[dict[str, float]] = []
     erofs_prepare: Callable[[Any], object] | None = None
     with contextlib.suppress(ImportError):
-        erofs_prepare = getattr(importlib.import_module("turbofs.node.erofsfs"), "prepare", None)
+        erofs_prepare = getattr(importlib.import_module("turbofs.mount.erofsfs"), "prepare", None)
 
     async def once(cache_dir: Path) -> dict[str, float]:
         t: dict[str, float] = {}
@@ -999,7 +999,7 @@ def cpu_components(layout: Path, chunks: int = 64) -> dict[str, Any]:
     """CPU per MB of what the daemon does to each chunk fetched, in this process, one core:
     zstd decompression + sha256 check (``decode_frame``), sha256 alone, and the disk-cache
     write (a temporary file, then a rename). For comparison with the daemon's CPU per MB."""
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
     from turbofs.node.cache import decode_frame
 
     img = open_layout_image(layout, TAG)

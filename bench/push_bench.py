@@ -74,7 +74,7 @@ from bench.registry_bench import (
     stats,
     tool_versions,
 )
-from turbofs.config import MiB
+from turbofs.core.config import MiB
 
 IMAGE: Final = "python-1g"
 REPO: Final = "bench/py"

@@ -81,8 +81,8 @@ from bench.build_bench import (
     write_results,
 )
 from tests.registry_fixtures import distribution_config
-from turbofs.config import DEFAULT_CHUNK_SIZE, MiB
-from turbofs.image import LayoutImage, open_layout_image
+from turbofs.core.config import DEFAULT_CHUNK_SIZE, MiB
+from turbofs.core.image import LayoutImage, open_layout_image
 
 HOST: Final = "127.0.0.1"
 REPO: Final = "bench/img"

@@ -73,9 +73,9 @@ from bench.build_bench import (
     write_results,
 )
 from bench.images import cache_dir, ensure_image
-from turbofs.errors import NotFound
-from turbofs.format import Chunk, Index
-from turbofs.image import LayoutImage, open_layout_image
+from turbofs.core.errors import NotFound
+from turbofs.core.format import Chunk, Index
+from turbofs.core.image import LayoutImage, open_layout_image
 
 PAGE: Final = mmap.PAGESIZE
 APP_TIMEOUT: Final = 600

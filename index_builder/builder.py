@@ -31,16 +31,16 @@ from urllib.parse import unquote_to_bytes
 from tqdm import tqdm
 
 from index_builder.chunker import ChunkStore, Digest, LargeData, SmallData
-from index_builder.layers import LayerStream
 from index_builder.sources import LayerRef, SourceImage, open_source, synthetic_diff_id
-from index_builder.tarstream import TarEntry, TarError, TarReader
 from index_builder.tree import Node, Op, Tree, classify, show, split_path
-from turbofs import format as fmt
-from turbofs import oci
-from turbofs.config import DEFAULT_PATH_MAX, BuildConfig
-from turbofs.errors import LimitExceeded, SourceError, UnsafeEntry
-from turbofs.trace import StartupTrace
-from turbofs.trace import split_path as split_trace_path
+from turbofs.core import format as fmt
+from turbofs.core import oci
+from turbofs.core.config import DEFAULT_PATH_MAX, BuildConfig
+from turbofs.core.errors import LimitExceeded, SourceError, UnsafeEntry
+from turbofs.core.layers import LayerStream
+from turbofs.core.tar import TarEntry, TarError, TarReader
+from turbofs.core.trace import StartupTrace
+from turbofs.core.trace import split_path as split_trace_path
 
 log = logging.getLogger("turbofs.build")
 
@@ -450,7 +450,7 @@ def build(
 ) -> BuildResult:
     """Convert ``source`` into a turbo image at ``output`` (an OCI image layout).
 
-    ``startup_trace``: a recorded start (:mod:`turbofs.trace`) whose chunks go first in the
+    ``startup_trace``: a recorded start (:mod:`turbofs.core.trace`) whose chunks go first in the
     blobs and in the index's prefetch order, and into its startup section.
 
     Nothing appears at ``output`` unless the whole image was written and verified.

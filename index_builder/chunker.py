@@ -31,10 +31,10 @@ from typing import Final
 import zstandard
 from isal import isal_zlib
 
-from turbofs import format as fmt
-from turbofs import oci
-from turbofs.config import BuildConfig
-from turbofs.errors import SourceError
+from turbofs.core import format as fmt
+from turbofs.core import oci
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import SourceError
 
 #: Chunk digest -> None (a hole) for a piece of zeros.
 Digest = bytes | None

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from turbofs import oci
-from turbofs.config import BuildConfig
-from turbofs.errors import FormatError, LimitExceeded, NotFound, SourceError
+from turbofs.core import oci
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import FormatError, LimitExceeded, NotFound, SourceError
 
 
 @dataclass
@@ -314,18 +314,6 @@ def _name_opener(store: _TarBlobs, name: str) -> Callable[[], BinaryIO]:
 _PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:")
 
 
-def split_path_ref(rest: str) -> tuple[Path, str | None]:
-    """``PATH`` or ``PATH:REF`` where PATH exists."""
-    path = Path(rest)
-    if path.exists():
-        return path, None
-    # PATH:REF, where REF may hold colons itself (docker-archive:FILE:example.com:5000/x:1)
-    for i, ch in enumerate(rest):
-        if ch == ":" and i and Path(rest[:i]).exists():
-            return Path(rest[:i]), rest[i + 1 :] or None
-    raise NotFound(f"{rest}: no such file or directory")
-
-
 def open_source(spec: str, cfg: BuildConfig) -> SourceImage:
     """Open a source image for reading (see the module docstring for the spec forms)."""
     kind = None
@@ -334,7 +322,7 @@ def open_source(spec: str, cfg: BuildConfig) -> SourceImage:
         if spec.startswith(prefix):
             kind, rest = prefix[:-1], spec[len(prefix) :]
             break
-    path, ref = split_path_ref(rest)
+    path, ref = oci.split_path_ref(rest)
     if kind is None:
         if path.is_dir():
             kind = "oci" if (path / "oci-layout").exists() or (path / "index.json").exists() else "dir"

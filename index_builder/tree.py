@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from turbofs.errors import SourceError, UnsafeEntry
+from turbofs.core.errors import SourceError, UnsafeEntry
 
 MAX_SYMLINKS: Final = 40
 WHITEOUT_PREFIX: Final = b".wh."

@@ -58,9 +58,9 @@ from server.errors import (
     error_response,
 )
 from server.storage import Storage, check_blob_digest, check_name
-from turbofs.config import RegistryConfig
-from turbofs.errors import UsageError
-from turbofs.oci import OCI_INDEX
+from turbofs.core.config import RegistryConfig
+from turbofs.core.errors import UsageError
+from turbofs.core.oci import OCI_INDEX
 
 log = logging.getLogger("turbofs.registry")
 

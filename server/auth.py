@@ -22,7 +22,7 @@ service (what containerd, skopeo and docker expect)::
   anyone may pull when ``pull_auth`` is off and push when :attr:`RegistryConfig.push_needs_auth`
   is false. A token grants the requested actions the requester may have and no others.
 - **The gate** (:func:`setup`'s middleware) maps each ``/v2`` request to the action it needs
-  (:func:`turbofs.auth.required_access`, shared with the client) and lets it through when
+  (:func:`turbofs.core.auth.required_access`, shared with the client) and lets it through when
   that action is open to anyone or the request carries a token (or HTTP Basic credentials)
   that allows it; ``/v2/`` itself needs any valid credentials. Otherwise: ``401`` with the
   challenge and the OCI error body (``UNAUTHORIZED``). Paths outside ``/v2`` are not gated.
@@ -56,7 +56,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server.errors import Unauthorized, error_response
-from turbofs.auth import (
+from turbofs.core.auth import (
     ALL,
     CATALOG,
     DELETE,
@@ -70,8 +70,8 @@ from turbofs.auth import (
     parse_scopes,
     required_access,
 )
-from turbofs.config import RegistryConfig
-from turbofs.errors import UsageError
+from turbofs.core.config import RegistryConfig
+from turbofs.core.errors import UsageError
 
 log = logging.getLogger("turbofs.registry.auth")
 

@@ -23,10 +23,10 @@ from typing import Any, BinaryIO, cast
 
 from index_builder.builder import build
 from index_builder.sources import image_from_manifest
-from turbofs import oci
-from turbofs.config import BuildConfig, RegistryConfig
-from turbofs.errors import NotFound, SourceError, TurboError
-from turbofs.image import is_turbo_manifest
+from turbofs.core import oci
+from turbofs.core.config import BuildConfig, RegistryConfig
+from turbofs.core.errors import NotFound, SourceError, TurboError
+from turbofs.core.image import is_turbo_manifest
 
 log = logging.getLogger("turbofs.registry.convert")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")

@@ -2,7 +2,7 @@
 
 ::
 
-    turbofs.errors.TurboError
+    turbofs.core.errors.TurboError
      └── RegistryError              an error answered with the spec's JSON body
           ├── BlobUnknown            BLOB_UNKNOWN           404
           ├── BlobUploadInvalid      BLOB_UPLOAD_INVALID    400
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from turbofs.errors import TurboError
+from turbofs.core.errors import TurboError
 
 
 class RegistryError(TurboError):

@@ -64,9 +64,9 @@ from server.errors import (
     RangeInvalid,
     SizeInvalid,
 )
-from turbofs.config import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_MANIFEST_SIZE, DEFAULT_UPLOAD_TTL
-from turbofs.errors import FormatError
-from turbofs.oci import (
+from turbofs.core.config import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_MANIFEST_SIZE, DEFAULT_UPLOAD_TTL
+from turbofs.core.errors import FormatError
+from turbofs.core.oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,

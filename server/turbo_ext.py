@@ -22,9 +22,9 @@ from typing import Any, Final
 from aiohttp import web
 
 from server.convert import Converter
-from turbofs import oci
-from turbofs.config import RegistryConfig
-from turbofs.errors import FormatError
+from turbofs.core import oci
+from turbofs.core.config import RegistryConfig
+from turbofs.core.errors import FormatError
 
 VERSION: Final = 1
 BATCH_MEDIA_TYPE: Final = "application/vnd.turbofs.batch.v1"

@@ -6,7 +6,7 @@ import hashlib
 import stat
 
 from tests.ocifixtures import EntryInfo
-from turbofs.image import LayoutImage
+from turbofs.core.image import LayoutImage
 
 _KINDS = {
     stat.S_IFREG: "file",

@@ -18,8 +18,8 @@ import pytest
 
 from index_builder.builder import build
 from tests.ocifixtures import TarEntry, write_oci_layout
-from turbofs.config import BuildConfig
-from turbofs.image import LayoutImage, open_layout_image
+from turbofs.core.config import BuildConfig
+from turbofs.core.image import LayoutImage, open_layout_image
 
 
 class Mounter:

@@ -235,7 +235,7 @@ class SnapshotterProcess:
     def cleanup(self) -> None:
         """Stop it, unmount every mount under its folder, kill its daemons, remove it."""
         self.stop()
-        from turbofs import mountctl
+        from turbofs.mount import ctl as mountctl
 
         for mp in self.turbofs_mounts():
             with contextlib.suppress(Exception):

@@ -30,9 +30,9 @@ from tests.ocifixtures import (
     write_oci_archive,
     write_oci_layout,
 )
-from turbofs import format as fmt
-from turbofs.config import BuildConfig
-from turbofs.image import open_layout_image
+from turbofs.core import format as fmt
+from turbofs.core.config import BuildConfig
+from turbofs.core.image import open_layout_image
 
 needs_umoci = pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is not installed")
 needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")

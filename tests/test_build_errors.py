@@ -16,8 +16,8 @@ import pytest
 
 from index_builder.builder import build
 from tests.ocifixtures import TarEntry, blob_path, layer_tar_bytes, write_oci_layout
-from turbofs.config import BuildConfig
-from turbofs.errors import (
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import (
     DigestMismatch,
     LimitExceeded,
     NotFound,
@@ -25,7 +25,7 @@ from turbofs.errors import (
     TurboError,
     UnsafeEntry,
 )
-from turbofs.oci import sha256_digest
+from turbofs.core.oci import sha256_digest
 
 GOOD = [[TarEntry("etc", "dir"), TarEntry("etc/a", data=b"a" * 1000), TarEntry("bin", "dir"), TarEntry("bin/x", data=b"x")]]
 
@@ -213,7 +213,7 @@ def test_symlink_escape_is_stored_not_followed(tmp_path: Path) -> None:
     tar = _raw_tar(("up", "symlink", b"../../../../etc"), ("up/passwd", "file", b"inside"))
     _replace_layer(layout, gzip.compress(tar), fix_diff_id=tar)
     build(f"oci:{layout}", tmp_path / "out", BuildConfig(), progress=False)
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     img = open_layout_image(tmp_path / "out")
     assert img.index.readlink(img.index.resolve("up")) == b"../../../../etc"

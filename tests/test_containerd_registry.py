@@ -130,7 +130,7 @@ def small_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def turbo_image(small_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small image converted by the turbofs builder (an OCI layout, tag ``latest``)."""
     from index_builder.builder import build
-    from turbofs.config import BuildConfig
+    from turbofs.core.config import BuildConfig
 
     out = tmp_path_factory.mktemp("turbo-image") / "layout"
     build(f"oci:{small_image}:{TAG}", out, BuildConfig(), progress=False)

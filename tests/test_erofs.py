@@ -36,13 +36,13 @@ from tests.mount_fixtures import (
 from tests.ocifixtures import TarEntry, diff_snapshots, snapshot_tree
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
 from tests.test_build import kitchen_sink_layers
-from turbofs import format as fmt
-from turbofs.config import BuildConfig
+from turbofs.core import format as fmt
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import FormatError, TurboError
+from turbofs.core.image import LayoutImage, open_layout_image
 from turbofs.erofs import ErofsCorrupt, ErofsImage, ErofsUnsupported, build_erofs, check_erofs
 from turbofs.erofs import ondisk as d
-from turbofs.errors import FormatError, TurboError
-from turbofs.image import LayoutImage, open_layout_image
-from turbofs.node import erofsfs
+from turbofs.mount import erofsfs
 
 CS = 64 * 1024
 
@@ -451,7 +451,7 @@ def test_o_direct_works_on_loop_backed_erofs_only(
     """Linux 6.18's file-backed erofs has no direct I/O: open(O_DIRECT) fails with EINVAL
     (the flag is checked at open, whatever the ``directio`` mount option says). On a block
     device (the loop fallback) erofs reads O_DIRECT through the block layer. Documented in
-    turbofs/node/erofsfs.py; a user who needs O_DIRECT mounts with ``--mode fuse``."""
+    turbofs/mount/erofsfs.py; a user who needs O_DIRECT mounts with ``--mode fuse``."""
     image = build_erofs(kitchen.index)
     image_file = tmp_path / "kitchen.erofs"  # on a disk file system: file-backed works
     with open(image_file, "wb") as f:
@@ -602,7 +602,7 @@ def test_loop_device_fallback(kitchen: LayoutImage, tmp_path: Path) -> None:
     still ends with the mount (the loop device is released with it)."""
     mp = tmp_path / "mnt"
     mp.mkdir()
-    code = ("import sys; from turbofs.node import erofsfs; erofsfs.TRY_FILE_BACKED = False; "
+    code = ("import sys; from turbofs.mount import erofsfs; erofsfs.TRY_FILE_BACKED = False; "
             "from turbofs.cli import main; sys.exit(main(sys.argv[1:]))")
     with foreground_mount([sys.executable, "-c", code, "mount", f"oci:{kitchen.root}", str(mp), "--foreground",
                            "--mode", "erofs", "--run-dir", str(tmp_path / "run"), "--cache-dir",
@@ -644,8 +644,9 @@ def test_unexpressible_image_refused_or_served_per_file(mounter: Mounter, tmp_pa
 def test_daemon_refuses_metadata_that_fails_its_checks(
     monkeypatch: pytest.MonkeyPatch, kitchen: LayoutImage, tmp_path: Path
 ) -> None:
-    from turbofs.config import DaemonConfig
-    from turbofs.node import daemon
+    from turbofs.core.config import DaemonConfig
+    from turbofs.mount import daemon
+    from turbofs.mount.ctl import MountRequest
 
     def corrupted(index: Any) -> ErofsImage:
         image = build_erofs(index)
@@ -657,7 +658,7 @@ def test_daemon_refuses_metadata_that_fails_its_checks(
     mp = tmp_path / "mnt"
     mp.mkdir()
     cfg = DaemonConfig(cache_dir=tmp_path / "cache", prefetch=False, mode="erofs").validate()
-    req = daemon.MountRequest(ref=f"oci:{kitchen.root}", mountpoint=mp, cfg=cfg, run_dir=tmp_path / "run")
+    req = MountRequest(ref=f"oci:{kitchen.root}", mountpoint=mp, cfg=cfg, run_dir=tmp_path / "run")
     with pytest.raises(TurboError, match="refusing to serve it as erofs: erofs metadata check failed"):
         daemon.run_foreground(req)
     assert not os.path.ismount(mp)
@@ -670,8 +671,9 @@ def test_daemon_refuses_metadata_that_fails_its_checks(
 def test_failed_kernel_mount_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, kitchen: LayoutImage, tmp_path: Path
 ) -> None:
-    from turbofs.config import DaemonConfig
-    from turbofs.node import daemon
+    from turbofs.core.config import DaemonConfig
+    from turbofs.mount import daemon
+    from turbofs.mount.ctl import MountRequest
 
     def refused(*args: Any, **kwargs: Any) -> str:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
@@ -680,7 +682,7 @@ def test_failed_kernel_mount_is_a_clear_error(
     mp = tmp_path / "mnt"
     mp.mkdir()
     cfg = DaemonConfig(cache_dir=tmp_path / "cache", prefetch=False, mode="erofs").validate()
-    req = daemon.MountRequest(ref=f"oci:{kitchen.root}", mountpoint=mp, cfg=cfg, run_dir=tmp_path / "run")
+    req = MountRequest(ref=f"oci:{kitchen.root}", mountpoint=mp, cfg=cfg, run_dir=tmp_path / "run")
     with pytest.raises(TurboError, match=r"cannot mount erofs at .*: Operation not permitted"):
         daemon.run_foreground(req)
     assert _erofs_mounts_under(tmp_path) == []  # the private FUSE mount is gone too
@@ -716,8 +718,8 @@ def test_sigterm_unmounts_erofs(mounter: Mounter, kitchen: LayoutImage) -> None:
 
 
 def test_mode_setting_is_checked() -> None:
-    from turbofs.config import DaemonConfig
-    from turbofs.errors import UsageError
+    from turbofs.core.config import DaemonConfig
+    from turbofs.core.errors import UsageError
 
     assert DaemonConfig().mode == "auto"
     with pytest.raises(UsageError):
@@ -741,7 +743,7 @@ OTHER_FILES: dict[str, bytes] = {"data/later.bin": _piece(120, 4 * CS), "data/no
 def traced(tmp_path_factory: pytest.TempPathFactory) -> LayoutImage:
     """An image built with a recorded startup (a path list) that reads STARTUP_FILES."""
     from tests.ocifixtures import write_oci_layout
-    from turbofs import trace
+    from turbofs.core import trace
 
     base = tmp_path_factory.mktemp("traced")
     entries = [TarEntry(name, "dir", mode=0o755) for name in ("app", "data")]

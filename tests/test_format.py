@@ -13,8 +13,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from turbofs import format as fmt
-from turbofs.errors import FormatError, NotFound
+from turbofs.core import format as fmt
+from turbofs.core.errors import FormatError, NotFound
 
 CS = 1 << 13  # 8 KiB chunks keep the examples small
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from index_builder.tarstream import TarReader
 from tests.containerd_fixtures import ContainerdFactory
 from tests.ocifixtures import (
     EntryInfo,
@@ -37,7 +36,8 @@ from tests.ocifixtures import (
     write_oci_archive,
     write_oci_layout,
 )
-from turbofs.errors import UnsafeEntry
+from turbofs.core.errors import UnsafeEntry
+from turbofs.core.tar import TarReader
 from turbofs.snapshotter.apply import OPAQUE_XATTR, LayerApplier
 
 

@@ -29,8 +29,8 @@ from tests.ocifixtures import (
 )
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
 from tests.test_build import kitchen_sink_layers
-from turbofs.config import BuildConfig
-from turbofs.image import LayoutImage, open_layout_image
+from turbofs.core.config import BuildConfig
+from turbofs.core.image import LayoutImage, open_layout_image
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
@@ -307,8 +307,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_spare_daemon_takes_the_next_mount(tmp_path: Path, kitchen: LayoutImage) -> None:
-    from turbofs import mountctl
-    from turbofs.config import DaemonConfig
+    from turbofs.core.config import DaemonConfig
+    from turbofs.mount import ctl as mountctl
     from turbofs.snapshotter.mounts import DaemonMounter
 
     cfg = DaemonConfig(cache_dir=tmp_path / "cache").validate()

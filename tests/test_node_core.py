@@ -27,17 +27,17 @@ import zstandard
 
 from index_builder.builder import build
 from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
-from turbofs import format as fmt
-from turbofs import oci
-from turbofs.config import DaemonConfig
-from turbofs.errors import DigestMismatch
+from turbofs.core import format as fmt
+from turbofs.core import oci
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import DigestMismatch
+from turbofs.core.registry import BATCH_MEDIA_TYPE, RegistryClient
 from turbofs.node.cache import ChunkCache, DiskCache, RamCache, VerifiedChunk, decode_frame
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
 from turbofs.node.prefetch import Prefetcher, PrefetchState, TokenBucket
 from turbofs.node.reader import ChunkReader, ChunkState
 from turbofs.node.source import LayoutSource, RegistrySource, coalesce, open_image
-from turbofs.registry_client import BATCH_MEDIA_TYPE, RegistryClient
 
 CS = 65536
 REGISTRY = "registry.test"
@@ -86,11 +86,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     entries += [TarEntry(p, data=d, mode=0o755 if p.startswith("bin/") else 0o644) for p, d in FILES.items()]
     entries.append(TarEntry("link", "symlink", linkname="bin/app"))
     write_oci_layout(root / "src", [entries[:8], entries[8:]])
-    from turbofs.config import BuildConfig
+    from turbofs.core.config import BuildConfig
 
     cfg = BuildConfig(chunk_size=CS, blob_min=128 * 1024, blob_avg=256 * 1024, blob_max=512 * 1024)
     result = build(f"oci:{root / 'src'}:latest", root / "turbo", cfg, progress=False)
-    from turbofs.image import open_layout_image
+    from turbofs.core.image import open_layout_image
 
     img = open_layout_image(root / "turbo", "latest")
     blobs = {f"sha256:{p.name}": p.read_bytes() for p in (root / "turbo" / "blobs" / "sha256").iterdir()}

@@ -19,7 +19,7 @@ from index_builder.builder import build
 from tests.mount_fixtures import Mounter
 from tests.ocifixtures import TarEntry, write_oci_layout
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
-from turbofs.config import (
+from turbofs.core.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DEMAND_PARALLEL,
     DEFAULT_PREFETCH_BATCH_BYTES,

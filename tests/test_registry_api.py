@@ -33,8 +33,8 @@ from tests.registry_fixtures import (
     skopeo,
     skopeo_copy,
 )
-from turbofs.config import BuildConfig, RegistryConfig
-from turbofs.oci import (
+from turbofs.core.config import BuildConfig, RegistryConfig
+from turbofs.core.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,

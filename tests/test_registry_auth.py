@@ -5,7 +5,7 @@
   scope grants, ``WWW-Authenticate`` parsing, Docker auth files.
 * The real app in process (``server.app.start``): challenges, the token endpoint (GET and
   the OAuth2 POST form), wrong passwords, expired and forged tokens, pull versus push,
-  anonymous pulls, HTTP Basic straight on ``/v2``, and :class:`turbofs.auth.RegistryAuth`
+  anonymous pulls, HTTP Basic straight on ``/v2``, and :class:`turbofs.core.auth.RegistryAuth`
   with ``httpx.AsyncClient``; the sync ``httpx.Client`` against a mock registry.
 * Real clients against ``turbofs serve --push-auth --users FILE`` on loopback: skopeo
   (``--dest-creds``, ``--creds``) and containerd's ``ctr images push --user``.
@@ -48,7 +48,7 @@ from server.auth import (
 from tests.ocifixtures import TarEntry, write_oci_layout
 from tests.registry_fixtures import free_port
 from turbofs import cli
-from turbofs.auth import (
+from turbofs.core.auth import (
     Access,
     Credentials,
     RegistryAuth,
@@ -60,8 +60,8 @@ from turbofs.auth import (
     parse_scopes,
     required_access,
 )
-from turbofs.config import RegistryConfig
-from turbofs.errors import AuthError, UsageError
+from turbofs.core.config import RegistryConfig
+from turbofs.core.errors import AuthError, UsageError
 
 T = TypeVar("T")
 USER, PASSWORD = "alice", "s3cret:with colon"

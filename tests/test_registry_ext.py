@@ -19,10 +19,10 @@ from index_builder.builder import build
 from tests.imagecheck import snapshot_index
 from tests.ocifixtures import TarEntry, diff_snapshots, pseudo_random, write_oci_layout
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
-from turbofs.config import BuildConfig
-from turbofs.image import decompress_chunk, load_index, open_layout_image, parse_manifest
+from turbofs.core.config import BuildConfig
+from turbofs.core.image import decompress_chunk, load_index, open_layout_image, parse_manifest
+from turbofs.core.registry import RegistryClient
 from turbofs.push import push
-from turbofs.registry_client import RegistryClient
 
 CS = 64 * 1024
 # small blobs, so that a few-MB test image spreads over many of them, as a GB image does

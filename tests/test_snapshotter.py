@@ -51,10 +51,10 @@ from google.protobuf.message import Message
 from tests.containerd_fixtures import Containerd, require_containerd, unique_namespace
 from tests.registry_fixtures import TurbofsRegistry, skopeo_copy
 from tests.snapshotter_fixtures import SnapshotterProcess, derived_layout
-from turbofs.errors import DigestMismatch, NotFound, UsageError
+from turbofs.core.errors import DigestMismatch, NotFound, UsageError
+from turbofs.core.registry import Reference
 from turbofs.proto import CRI_IMAGES, SNAPSHOTS, cri_pb2, unary, unary_stream
 from turbofs.proto import snapshots_pb2 as pb
-from turbofs.registry_client import Reference
 from turbofs.snapshotter import filters
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.core import Snapshotter, Usage, remote_name
@@ -341,7 +341,7 @@ def test_containerd_config_files() -> None:
     import shutil as sh
     import tomllib
 
-    from turbofs.config import (
+    from turbofs.core.config import (
         DaemonConfig,
         RegistryConfig,
         SnapshotterConfig,
@@ -963,7 +963,7 @@ def _turbo_layout(name: str) -> Path:
     format version (kept under ``$TURBOFS_CACHE/tests/``)."""
     from bench.images import cache_dir, image_path
     from index_builder.builder import build
-    from turbofs import format as fmt
+    from turbofs.core import format as fmt
 
     src = image_path(name)
     if not (src / "index.json").exists():

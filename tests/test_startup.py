@@ -17,11 +17,11 @@ from index_builder.builder import build
 from tests.mount_fixtures import Mounter, mounter  # noqa: F401  (fixture)
 from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from tests.test_node_core import FakeRegistry, Image, _cfg, registry_reader
-from turbofs import format as fmt
-from turbofs import trace
-from turbofs.config import BuildConfig
-from turbofs.errors import UsageError
-from turbofs.image import open_layout_image
+from turbofs.core import format as fmt
+from turbofs.core import trace
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import UsageError
+from turbofs.core.image import open_layout_image
 from turbofs.node.cache import ChunkCache
 from turbofs.node.prefetch import BATCH_EXPANSION, Prefetcher, PrefetchState
 from turbofs.node.reader import ChunkReader

@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from index_builder.tarstream import TarError, TarReader
 from tests.ocifixtures import pseudo_random
+from turbofs.core.tar import TarError, TarReader
 
 
 def _pieces(data: bytes, size: int) -> list[bytes]:

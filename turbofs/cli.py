@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from turbofs import __version__
-from turbofs.config import build_config
-from turbofs.errors import TurboError, UsageError
+from turbofs.core.config import build_config
+from turbofs.core.errors import TurboError, UsageError
 
 
 def _size(text: str) -> int:
@@ -196,8 +196,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from turbofs import mountctl
-    from turbofs.config import daemon_config
+    from turbofs.core import oci
+    from turbofs.core.config import daemon_config
+    from turbofs.mount import ctl as mountctl
 
     cfg = daemon_config(
         args.config,
@@ -216,12 +217,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint.absolute(),
         cfg=cfg,
         run_dir=args.run_dir or mountctl.DEFAULT_RUN_DIR,
-        auth=None if mountctl.split_local_ref(args.ref) else _client_auth(args.ref, args.creds),
+        auth=None if oci.split_local_ref(args.ref) else _client_auth(args.ref, args.creds),
         scheme="http" if args.plain_http else None,
         platform=args.platform,
     )
     if args.foreground:
-        from turbofs.node.daemon import run_foreground
+        from turbofs.mount.daemon import run_foreground
 
         run_foreground(req, args.ready_fd)
         return 0
@@ -232,14 +233,14 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from turbofs import mountctl
+    from turbofs.mount import ctl as mountctl
 
     mountctl.unmount(args.mountpoint.absolute(), args.run_dir or mountctl.DEFAULT_RUN_DIR)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from turbofs import mountctl
+    from turbofs.mount import ctl as mountctl
 
     print(mountctl.query(args.mountpoint.absolute(), "metrics" if args.metrics else "status",
                        args.run_dir or mountctl.DEFAULT_RUN_DIR))
@@ -247,9 +248,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from turbofs import mountctl
-    from turbofs.oci import atomic_write
-    from turbofs.trace import parse
+    from turbofs.core.oci import atomic_write
+    from turbofs.core.trace import parse
+    from turbofs.mount import ctl as mountctl
 
     text = mountctl.query(args.mountpoint.absolute(), "trace", args.run_dir or mountctl.DEFAULT_RUN_DIR)
     trace = parse(text.encode(), name=f"trace of {args.mountpoint}")  # checks what the daemon sent
@@ -262,7 +263,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
-    from turbofs.config import snapshotter_config
+    from turbofs.core.config import snapshotter_config
     from turbofs.snapshotter.service import serve
 
     cfg = snapshotter_config(args.config, address=args.address, root=args.root, run_dir=args.run_dir)
@@ -296,7 +297,7 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
 
     from server.auth import check_username, passwd_line
-    from turbofs.errors import UsageError
+    from turbofs.core.errors import UsageError
 
     check_username(args.user)
     if sys.stdin.isatty():
@@ -328,15 +329,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _client_auth(target: str, creds: str | None) -> Any:
     """Registry credentials for a client command: --creds, else the Docker config file."""
-    from turbofs.auth import auth_for_registry
-    from turbofs.registry_client import Reference
+    from turbofs.core.auth import auth_for_registry
+    from turbofs.core.registry import Reference
 
     return auth_for_registry(Reference.parse(target).registry, creds)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
-    from turbofs.config import registry_config
+    from turbofs.core.config import registry_config
 
     cfg = registry_config(
         args.config,
@@ -368,12 +369,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     trace = None
     if args.startup_trace is not None:
-        from turbofs.trace import load
+        from turbofs.core.trace import load
 
         trace = load(args.startup_trace)
     result = build(args.source, args.output, cfg, force=args.force, progress=args.progress, startup_trace=trace)
     if args.verify:
-        from turbofs.image import open_layout_image
+        from turbofs.core.image import open_layout_image
 
         open_layout_image(args.output, result.tag).index.verify()
     print(result.summary())

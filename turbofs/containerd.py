@@ -48,7 +48,8 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
-from turbofs.errors import NotFound, TurboError, UsageError
+from turbofs.core.errors import NotFound, TurboError, UsageError
+from turbofs.core.registry import Reference
 from turbofs.proto import (
     CONTENT,
     IMAGES,
@@ -65,7 +66,6 @@ from turbofs.proto import (
     unix_target,
 )
 from turbofs.proto import stream_stream as _stream_stream
-from turbofs.registry_client import Reference
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.remote import TurboImage, fetch_image
 

@@ -22,12 +22,12 @@ import httpx
 from tqdm import tqdm
 
 from index_builder.builder import build
-from index_builder.sources import split_path_ref
-from turbofs import oci
-from turbofs.config import BuildConfig
-from turbofs.errors import FormatError, NotFound
-from turbofs.image import LayoutImage, open_layout_image
-from turbofs.registry_client import Reference, RegistryClient
+from turbofs.core import oci
+from turbofs.core.config import BuildConfig
+from turbofs.core.errors import FormatError, NotFound
+from turbofs.core.image import LayoutImage, open_layout_image
+from turbofs.core.oci import split_path_ref
+from turbofs.core.registry import Reference, RegistryClient
 
 DEFAULT_PARALLEL = 4
 

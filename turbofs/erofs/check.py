@@ -31,11 +31,11 @@ from collections.abc import Sequence
 from itertools import compress, repeat
 from operator import itemgetter
 
-from turbofs import format as fmt
+from turbofs.core import format as fmt
+from turbofs.core.errors import FormatError
 from turbofs.erofs import ondisk as d
 from turbofs.erofs.errors import ErofsCorrupt
 from turbofs.erofs.writer import ErofsImage
-from turbofs.errors import FormatError
 
 _FW_PLAIN = d.INODE_EXTENDED | d.LAYOUT_FLAT_PLAIN << 1
 _FW_INLINE = d.INODE_EXTENDED | d.LAYOUT_FLAT_INLINE << 1

@@ -1,4 +1,4 @@
-"""Errors of the erofs presentation, on the one hierarchy of :mod:`turbofs.errors`::
+"""Errors of the erofs presentation, on the one hierarchy of :mod:`turbofs.core.errors`::
 
     TurboError
      └── ErofsError                 an image the erofs path cannot serve
@@ -12,7 +12,7 @@ chosen automatically, and a refused mount when erofs was asked for.
 
 from __future__ import annotations
 
-from turbofs.errors import TurboError
+from turbofs.core.errors import TurboError
 
 
 class ErofsError(TurboError):

@@ -23,7 +23,7 @@ and a packed small file is the blocks of its chunk from ``offset / 4096`` on. So
   the others are inline.
 
 The build runs at mount time, so it is written for speed: the index is read as columns
-(:meth:`turbofs.format.Index.inode_columns`), Python code runs per inode only where an inode
+(:meth:`turbofs.core.format.Index.inode_columns`), Python code runs per inode only where an inode
 needs a decision (a directory, a symlink, xattrs, a file of several pieces), and the inode
 cores and directory entries are packed by ``map`` over those columns. 105,052 inodes build
 in about 0.2 s here (bench/README.md, "erofs").
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
 from typing import BinaryIO, Final
 
-from turbofs import format as fmt
+from turbofs.core import format as fmt
 from turbofs.erofs import ondisk as d
 from turbofs.erofs.errors import ErofsUnsupported
 

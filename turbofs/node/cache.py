@@ -79,10 +79,10 @@ from typing import Final
 import trio
 from lru import LRU
 
-from turbofs.config import DaemonConfig
-from turbofs.errors import DigestMismatch
-from turbofs.format import Chunk, chunk_digest
-from turbofs.image import decompress_chunk
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import DigestMismatch
+from turbofs.core.format import Chunk, chunk_digest
+from turbofs.core.image import decompress_chunk
 from turbofs.node.metrics import NodeMetrics
 
 log = logging.getLogger("turbofs.node.cache")

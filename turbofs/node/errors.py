@@ -1,6 +1,6 @@
 """Errors of the node daemon's read path; each one becomes ``EIO`` in the FUSE layer.
 
-They hang off the one hierarchy of :mod:`turbofs.errors`::
+They hang off the one hierarchy of :mod:`turbofs.core.errors`::
 
     TurboError
      └── ReadError              a read that cannot return correct bytes (FUSE: EIO)
@@ -15,7 +15,7 @@ digest) and the cause, so the line in the daemon's log says what broke and where
 
 from __future__ import annotations
 
-from turbofs.errors import TurboError
+from turbofs.core.errors import TurboError
 
 
 class ReadError(TurboError):

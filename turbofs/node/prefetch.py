@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import trio
 
-from turbofs.config import DaemonConfig
-from turbofs.errors import DigestMismatch
-from turbofs.format import Chunk
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import DigestMismatch
+from turbofs.core.format import Chunk
 from turbofs.node.reader import ChunkReader
 
 log = logging.getLogger("turbofs.node.prefetch")

@@ -42,9 +42,9 @@ from typing import Final
 import trio
 from lru import LRU
 
-from turbofs.config import DaemonConfig
-from turbofs.errors import DigestMismatch, FormatError
-from turbofs.format import Chunk, Index
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import DigestMismatch, FormatError
+from turbofs.core.format import Chunk, Index
 from turbofs.node.cache import ChunkCache, VerifiedChunk, decode_frame
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import NodeMetrics
@@ -192,7 +192,7 @@ class ChunkReader:
 
     def trace(self) -> list[int]:
         """The chunks reads have asked for (not readahead or prefetch), in first-use order:
-        a process start's trace (:mod:`turbofs.trace`)."""
+        a process start's trace (:mod:`turbofs.core.trace`)."""
         return list(self._trace)
 
     @property

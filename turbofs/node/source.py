@@ -24,13 +24,19 @@ from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 import httpx
 import trio
 
-from turbofs import format as fmt
-from turbofs import oci
-from turbofs.errors import FormatError, NotFound, UsageError
-from turbofs.image import LayoutImage, TurboManifest, load_index, open_layout_image, parse_manifest
-from turbofs.mountctl import split_local_ref
+from turbofs.core import format as fmt
+from turbofs.core import oci
+from turbofs.core.errors import FormatError, NotFound, UsageError
+from turbofs.core.image import (
+    LayoutImage,
+    TurboManifest,
+    load_index,
+    open_layout_image,
+    parse_manifest,
+)
+from turbofs.core.oci import split_local_ref
+from turbofs.core.registry import Reference, RegistryClient
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
-from turbofs.registry_client import Reference, RegistryClient
 
 #: Parallel Range GETs per fetch to a registry without the batch extension.
 RANGE_PARALLEL: Final = 8
@@ -218,7 +224,7 @@ async def open_image(
     owns = client is None
     if client is None:
         if auth is None:
-            from turbofs.auth import auth_for_registry
+            from turbofs.core.auth import auth_for_registry
 
             auth = auth_for_registry(reference.registry)
         if metrics is not None:

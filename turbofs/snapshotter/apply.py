@@ -27,7 +27,7 @@ layer (:meth:`turbofs.snapshotter.core.Snapshotter._materialize`).
 * Symlinks in the parent path of an entry are followed inside the root only (an absolute or
   ``..`` target cannot lead out). Entry names that are absolute or contain ``..``, hard link
   targets outside the layer and entries below a non-directory are refused with
-  :class:`~turbofs.errors.UnsafeEntry`.
+  :class:`~turbofs.core.errors.UnsafeEntry`.
 * The entry for the root directory itself is ignored, as containerd does.
 
 Applying does not make the result atomic: the caller applies into a fresh directory and
@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import unquote_to_bytes
 
-from index_builder.tarstream import TarEntry, TarReader
 from index_builder.tree import classify, show, split_path
-from turbofs.config import DEFAULT_PATH_MAX
-from turbofs.errors import UnsafeEntry
+from turbofs.core.config import DEFAULT_PATH_MAX
+from turbofs.core.errors import UnsafeEntry
+from turbofs.core.tar import TarEntry, TarReader
 
 log = logging.getLogger("turbofs.snapshotter")
 

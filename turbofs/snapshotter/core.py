@@ -59,9 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from index_builder.layers import LayerStream
-from index_builder.tarstream import TarError, TarReader
-from turbofs.errors import NotFound, SourceError, UsageError
+from turbofs.core.errors import NotFound, SourceError, UsageError
+from turbofs.core.layers import LayerStream
+from turbofs.core.tar import TarError, TarReader
 from turbofs.snapshotter import filters
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.apply import ApplyStats, LayerApplier

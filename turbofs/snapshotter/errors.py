@@ -2,7 +2,7 @@
 
 ::
 
-    TurboError (turbofs.errors)
+    TurboError (turbofs.core.errors)
      ├── NotFound ─────────────────── NOT_FOUND           a snapshot, image or manifest that does not exist
      ├── UsageError ───────────────── INVALID_ARGUMENT    bad keys, labels, filters
      ├── FormatError, DigestMismatch ─ FAILED_PRECONDITION a corrupt manifest, config or index
@@ -27,8 +27,15 @@ import errno
 
 import grpc
 
-from turbofs.errors import AuthError, FormatError, NotFound, SourceError, TurboError, UsageError
-from turbofs.registry_client import RegistryError
+from turbofs.core.errors import (
+    AuthError,
+    FormatError,
+    NotFound,
+    SourceError,
+    TurboError,
+    UsageError,
+)
+from turbofs.core.registry import RegistryError
 
 
 class SnapshotError(TurboError):

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Final, Protocol
 
-from turbofs import mountctl
-from turbofs.config import DaemonConfig
-from turbofs.errors import TurboError
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import TurboError
+from turbofs.mount import ctl as mountctl
 from turbofs.snapshotter.errors import MountFailed
 
 log = logging.getLogger("turbofs.snapshotter")
@@ -54,7 +54,7 @@ class DaemonMounter:
     """``turbofs mount`` daemons (:func:`turbofs.node.mountctl.mount_background`).
 
     With ``spare`` (the default) it keeps one daemon process started ahead of need
-    (:class:`turbofs.mountctl.SpareDaemon`: interpreter up, modules imported) and hands the
+    (:class:`turbofs.mount.ctl.SpareDaemon`: interpreter up, modules imported) and hands the
     next mount to it, which takes the daemon's own start off the way from a Prepare to a
     ready mount; the next spare starts ``spare_delay`` seconds later. An idle spare costs
     one process of ~35 MB resident (23 MB of it not shared; measured here).

@@ -28,8 +28,8 @@ from typing import Any, Final, TypeVar
 
 import anyio
 
-from turbofs import oci
-from turbofs.errors import (
+from turbofs.core import oci
+from turbofs.core.errors import (
     DigestMismatch,
     FormatError,
     NotFound,
@@ -37,8 +37,8 @@ from turbofs.errors import (
     TurboError,
     UsageError,
 )
-from turbofs.image import is_turbo_manifest, load_index, parse_manifest
-from turbofs.registry_client import Reference, RegistryClient
+from turbofs.core.image import is_turbo_manifest, load_index, parse_manifest
+from turbofs.core.registry import Reference, RegistryClient
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.labels import chain_ids
 
@@ -130,7 +130,7 @@ async def _fetch(
 
 
 def _client(ref: Reference, scheme: str | None, retries: int, timeout: float) -> RegistryClient:
-    from turbofs.auth import auth_for_registry
+    from turbofs.core.auth import auth_for_registry
 
     return RegistryClient(ref.registry, scheme=scheme, auth=auth_for_registry(ref.registry), retries=retries, timeout=timeout)
 

@@ -22,7 +22,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from turbofs.config import SnapshotterConfig, daemon_config
+from turbofs.core.config import SnapshotterConfig, daemon_config
 from turbofs.proto import SNAPSHOTS, serialize, types_pb2
 from turbofs.proto import snapshots_pb2 as pb
 from turbofs.snapshotter.core import Mount, Snapshotter

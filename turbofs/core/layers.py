@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Final, cast
 import zstandard
 from isal import isal_zlib
 
-from turbofs.errors import DigestMismatch, LimitExceeded, SourceError
+from turbofs.core.errors import DigestMismatch, LimitExceeded, SourceError
 
 READ_BLOCK: Final = 1 << 20
 QUEUE_DEPTH: Final = 8

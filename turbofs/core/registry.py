@@ -5,7 +5,7 @@ ranges (one batched request to a turbofs registry, parallel ``Range`` GETs to an
 uploads, and the extension queries. It runs under asyncio or trio (httpx + anyio). Retries
 with exponential backoff and jitter cover connection errors, 429 and 5xx answers for
 requests that are safe to repeat; authentication is an ``httpx.Auth`` (see
-:mod:`turbofs.auth`). Tests inject faults through ``transport``.
+:mod:`turbofs.core.auth`). Tests inject faults through ``transport``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Final
 import anyio
 import httpx
 
-from turbofs import oci
-from turbofs.errors import DigestMismatch, FormatError, NotFound, TurboError, UsageError
+from turbofs.core import oci
+from turbofs.core.errors import DigestMismatch, FormatError, NotFound, TurboError, UsageError
 
 DEFAULT_ACCEPT: Final = ", ".join(
     [oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST, oci.DOCKER_MANIFEST_LIST]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
-from turbofs.errors import SourceError
+from turbofs.core.errors import SourceError
 
 BLOCK: Final = 512
 _NS: Final = 1_000_000_000

@@ -16,9 +16,9 @@ from typing import Any
 
 import zstandard
 
-from turbofs import format as fmt
-from turbofs import oci
-from turbofs.errors import DigestMismatch, FormatError, NotFound
+from turbofs.core import format as fmt
+from turbofs.core import oci
+from turbofs.core.errors import DigestMismatch, FormatError, NotFound
 
 MAX_MANIFEST: int = 4 << 20
 

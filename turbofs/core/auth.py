@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import httpx
 
-from turbofs.errors import AuthError, UsageError
+from turbofs.core.errors import AuthError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class RegistryAuth(httpx.Auth):
     start, including request bodies that cannot be sent twice (a streamed upload that gets a
     ``401`` is not repeated: the response goes back to the caller, and a retry finds the
     token cached). Token responses are read; other responses are left for the caller to
-    stream. A rejected login raises :class:`~turbofs.errors.AuthError`.
+    stream. A rejected login raises :class:`~turbofs.core.errors.AuthError`.
     """
 
     def __init__(

@@ -18,8 +18,8 @@ from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 
-from turbofs import format as fmt
-from turbofs.errors import FormatError, NotFound, TurboError
+from turbofs.core import format as fmt
+from turbofs.core.errors import FormatError, NotFound, TurboError
 
 log = logging.getLogger("turbofs.fuse")
 

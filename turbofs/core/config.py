@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
-from turbofs.errors import UsageError
+from turbofs.core.errors import UsageError
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -149,6 +149,20 @@ DEFAULT_TURBO_TAG_SUFFIX: Final = DEFAULT_CONVERT_TAG_SUFFIX
 DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES: Final = 2
 DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT: Final = 30.0
 DEFAULT_SNAPSHOTTER_WORKERS: Final = 16
+
+# -- Fixed limits: bounds and tunables that are not settings, one line of reason each ---------
+
+# layers, tar streams and trees (turbofs.core.tar, .layers, .fstree; the builder; apply)
+
+# the registry client (turbofs.core.registry, .auth, .image)
+
+# the node core (turbofs.node)
+
+# the presentations and the mount daemon (turbofs.mount, turbofs.erofs)
+
+# the snapshotter (turbofs.snapshotter)
+
+# the registry server (server)
 
 T = TypeVar("T")
 

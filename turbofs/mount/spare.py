@@ -1,14 +1,14 @@
 """A spare mount daemon: a process started ahead of need, its interpreter up and the
 daemon's modules imported, waiting for the arguments of one ``turbofs mount``.
 
-``python -m turbofs.node.spare EVENTS_FD`` imports what the daemon runs on, writes
+``python -m turbofs.mount.spare EVENTS_FD`` imports what the daemon runs on, writes
 ``spare`` to ``EVENTS_FD`` (the pipe the mount's ``ready`` will come through too), then
 reads one line from stdin: a JSON object ``{"argv": [...], "log": PATH}``. It sends its
 output to ``PATH`` and runs ``turbofs ARGV --foreground --ready-fd EVENTS_FD``: from then
 on it is that mount's daemon, as if it had been started for it. End of input instead of a
 line (its starter went away or no longer needs it): it exits.
 
-A starter (:class:`turbofs.mountctl.SpareDaemon`, kept by the snapshotter) saves the
+A starter (:class:`turbofs.mount.ctl.SpareDaemon`, kept by the snapshotter) saves the
 interpreter's start and the imports, ~0.2 s of CPU here, on the way from a Prepare to a
 ready mount: the time before a lazily pulled container's process starts.
 """
@@ -22,11 +22,11 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m turbofs.node.spare EVENTS_FD", file=sys.stderr)
+        print("usage: python -m turbofs.mount.spare EVENTS_FD", file=sys.stderr)
         return 2
     events = int(argv[0])
     from turbofs import cli
-    from turbofs.node import daemon  # the imports are the point
+    from turbofs.mount import daemon  # the imports are the point
 
     os.write(events, b"spare\n")
     line = sys.stdin.buffer.readline()

@@ -31,23 +31,18 @@ from typing import Any
 import pyfuse3
 import trio
 
+from turbofs.core.errors import TurboError
+from turbofs.core.format import Index
 from turbofs.erofs import ErofsError, ErofsImage
-from turbofs.errors import TurboError
-from turbofs.format import Index
-from turbofs.mountctl import (
-    DEFAULT_RUN_DIR,
+from turbofs.mount import erofsfs
+from turbofs.mount.ctl import (
     MountRequest,
     clean_stale,
-    is_stale_mount,
-    mount_background,
-    query,
-    split_local_ref,
     state_dir,
-    unmount,
 )
-from turbofs.node import erofsfs, memory
+from turbofs.mount.fusefs import TurboFS, fuse_options
+from turbofs.node import memory
 from turbofs.node.cache import ChunkCache
-from turbofs.node.fusefs import TurboFS, fuse_options
 from turbofs.node.metrics import NodeMetrics
 from turbofs.node.prefetch import Prefetcher
 from turbofs.node.reader import ChunkReader
@@ -71,7 +66,7 @@ _handed: float | None = None  # when a spare daemon was handed its mount (monoto
 
 
 def handed_now() -> None:
-    """This process is a spare daemon that was just handed its mount (:mod:`turbofs.node.spare`):
+    """This process is a spare daemon that was just handed its mount (:mod:`turbofs.mount.spare`):
     its timeline counts from now, not from its start."""
     global _handed
     _handed = time.monotonic()
@@ -139,7 +134,7 @@ class Daemon:
     def _trace(self, chunk_ids: list[int]) -> bytes:
         """What this mount has read so far (``chunk_ids``), as a startup trace (``turbofs
         trace``); runs in a worker thread (it walks the whole index)."""
-        from turbofs import trace
+        from turbofs.core import trace
 
         if self.opened is None:
             return trace.StartupTrace(image=self.req.ref).to_json()
@@ -317,19 +312,3 @@ def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:
             with contextlib.suppress(OSError):
                 out.close()
 
-
-# -- the commands ----------------------------------------------------------------------
-
-
-__all__ = [  # what callers used before the controls moved to turbofs.mountctl
-    "DEFAULT_RUN_DIR",
-    "MountRequest",
-    "clean_stale",
-    "is_stale_mount",
-    "mount_background",
-    "query",
-    "run_foreground",
-    "split_local_ref",
-    "state_dir",
-    "unmount",
-]

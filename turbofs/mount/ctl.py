@@ -2,7 +2,7 @@
 
 Kept free of the daemon's imports (FUSE, trio, the reader), so that ``turbofs mount`` (which
 only spawns the daemon and waits for its "ready") and ``turbofs status``/``umount`` start
-fast. The daemon itself is :mod:`turbofs.node.daemon`.
+fast. The daemon itself is :mod:`turbofs.mount.daemon`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from turbofs.config import DaemonConfig
-from turbofs.errors import NotFound, TurboError, UsageError
+from turbofs.core.config import DaemonConfig
+from turbofs.core.errors import TurboError, UsageError
 
 log = logging.getLogger("turbofs.daemon")
 
@@ -82,24 +82,8 @@ def is_stale_mount(path: str) -> bool:
     return False
 
 
-def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
-    """``(DIR, TAG)`` if ``ref`` names a local layout (``oci:DIR[:TAG]``, or an existing
-    ``DIR[:TAG]``), else None."""
-    explicit = ref.startswith("oci:")
-    rest = ref.removeprefix("oci:")
-    path = Path(rest)
-    if path.is_dir():
-        return path, None
-    head, sep, tag = rest.rpartition(":")
-    if sep and head and Path(head).is_dir() and "/" not in tag:
-        return Path(head), tag or None
-    if explicit:
-        raise NotFound(f"{ref}: no such OCI layout directory")
-    return None
-
-
 class SpareDaemon:
-    """A mount daemon started ahead of need (:mod:`turbofs.node.spare`): its interpreter up
+    """A mount daemon started ahead of need (:mod:`turbofs.mount.spare`): its interpreter up
     and its modules imported, it waits for the arguments of one mount. Handing it a mount
     (:func:`mount_background`) saves that start, ~0.2 s of CPU here, on the way to a ready
     mount. Detached like any daemon (its own session); it exits when :meth:`close` is
@@ -109,7 +93,7 @@ class SpareDaemon:
         read_fd, write_fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "turbofs.node.spare", str(write_fd)],
+                [sys.executable, "-m", "turbofs.mount.spare", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(write_fd,), start_new_session=True,
             )

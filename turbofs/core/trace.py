@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from turbofs.errors import UsageError
-from turbofs.format import Index
-from turbofs.oci import atomic_write
+from turbofs.core.errors import UsageError
+from turbofs.core.format import Index
+from turbofs.core.oci import atomic_write
 
 FORMAT: Final = "turbofs-startup-trace-1"
 #: A trace longer than this is refused (a 64 GiB image of 256 KiB chunks has 262,144).

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Final
 
-from turbofs.errors import DigestMismatch, FormatError, NotFound, SourceError
+from turbofs.core.errors import DigestMismatch, FormatError, NotFound, SourceError
 
 # -- media types -------------------------------------------------------------------------
 
@@ -292,3 +292,31 @@ def parse_platform(text: str | None) -> tuple[str, str, str | None]:
     if len(parts) not in (2, 3) or not all(parts):
         raise SourceError(f"invalid platform {text!r} (expected OS/ARCH[/VARIANT])")
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def split_path_ref(rest: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH:REF`` where PATH exists."""
+    path = Path(rest)
+    if path.exists():
+        return path, None
+    # PATH:REF, where REF may hold colons itself (docker-archive:FILE:example.com:5000/x:1)
+    for i, ch in enumerate(rest):
+        if ch == ":" and i and Path(rest[:i]).exists():
+            return Path(rest[:i]), rest[i + 1 :] or None
+    raise NotFound(f"{rest}: no such file or directory")
+
+
+def split_local_ref(ref: str) -> tuple[Path, str | None] | None:
+    """``(DIR, TAG)`` if ``ref`` names a local layout (``oci:DIR[:TAG]``, or an existing
+    ``DIR[:TAG]``), else None."""
+    explicit = ref.startswith("oci:")
+    rest = ref.removeprefix("oci:")
+    path = Path(rest)
+    if path.is_dir():
+        return path, None
+    head, sep, tag = rest.rpartition(":")
+    if sep and head and Path(head).is_dir() and "/" not in tag:
+        return Path(head), tag or None
+    if explicit:
+        raise NotFound(f"{ref}: no such OCI layout directory")
+    return None

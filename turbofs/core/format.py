@@ -8,7 +8,7 @@ reader API of :class:`Index` (lookup, listdir, getattr, readlink, xattrs, map_ra
 Decoding does no per-entry work: the payload is decompressed once and records are
 unpacked on access from fixed-size tables, so opening an index of 100,000 files costs
 about one zstd decompression and one SHA-256. Every accessor checks the bounds of what it
-reads, and raises :class:`~turbofs.errors.FormatError` instead of returning a wrong entry;
+reads, and raises :class:`~turbofs.core.errors.FormatError` instead of returning a wrong entry;
 :meth:`Index.verify` checks the whole index at once.
 """
 
@@ -23,7 +23,7 @@ from typing import Final
 
 import zstandard
 
-from turbofs.errors import FormatError, NotFound
+from turbofs.core.errors import FormatError, NotFound
 
 MAGIC: Final = b"TURBOIDX"
 VERSION: Final = 1

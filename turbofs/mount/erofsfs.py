@@ -23,7 +23,7 @@ Metadata (:func:`prepare`): built from the index and checked, or loaded from the
 cache folder (``<cache_dir>/erofs/``, turbofs/erofs/cache.py) and checked the same way.
 
 Startup chunks into the page cache (``[daemon] startup_notify_store``, on by default: see
-turbofs/config.py and bench/README.md; :class:`PageCacheStore`):
+turbofs/core/config.py and bench/README.md; :class:`PageCacheStore`):
 erofs reads the image file buffered (``directio`` off), through the FUSE file's page cache.
 Each chunk of a recorded startup that the prefetcher brings in is pushed into that page
 cache (``pyfuse3.notify_store`` of the chunk's block range of the image file, zero-padded
@@ -60,19 +60,19 @@ from typing import Any, Final, Protocol
 import pyfuse3
 import trio
 
-from turbofs import format as fmt
-from turbofs.config import (
+from turbofs.core import format as fmt
+from turbofs.core.config import (
     DEFAULT_EROFS_META_CACHE_BYTES,
     DEFAULT_EROFS_MOUNT_OPTIONS,
     DEFAULT_EROFS_READAHEAD_KB,
     DaemonConfig,
 )
+from turbofs.core.errors import TurboError
 from turbofs.erofs import ErofsCorrupt, ErofsImage, build_erofs, check_erofs
 from turbofs.erofs import cache as meta_cache
 from turbofs.erofs import ondisk as d
-from turbofs.errors import TurboError
+from turbofs.mount.fusefs import errno_of
 from turbofs.node.cache import ChunkCache
-from turbofs.node.fusefs import errno_of
 from turbofs.node.metrics import NodeMetrics
 
 log = logging.getLogger("turbofs.erofs")
