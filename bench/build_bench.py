@@ -118,12 +118,23 @@ def code_state() -> dict[str, Any]:
         proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
         return proc.stdout if proc.returncode == 0 else ""
 
-    changed = git("status", "--porcelain", "--", "turbofs", "index_builder")
+    changed = git("status", "--porcelain", "--", "turbofs", "index_builder", "server")
     return {
         "commit": git("rev-parse", "HEAD").strip() or None,
         # porcelain lines are "XY PATH"
         "uncommitted": [line[3:] for line in changed.splitlines() if len(line) > 3],
     }
+
+
+def new_results(benchmark: str, **fields: Any) -> dict[str, Any]:
+    """The head of a results file: the benchmark, the machine and the code measured, ``fields``."""
+    return {"benchmark": benchmark, "machine": machine_info(), "code": code_state(), **fields}
+
+
+def save_results(path: Path, data: dict[str, Any], module: str, argv: Sequence[str] | None) -> None:
+    """Record the command line (``python -m MODULE ARGS``) in ``data``, write it to ``path``."""
+    data["command"] = " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+    log(f"results in {write_results(path, data)}")
 
 
 def write_results(path: Path, data: dict[str, Any]) -> Path:
@@ -301,18 +312,9 @@ def _rate(nbytes: int, fn: Callable[[], object]) -> float:
     return nbytes / 1e6 / best
 
 
-def _inflate_isal(data: bytes) -> None:
-    d = isal_zlib.decompressobj(31)
-    pos = 0
-    while pos < len(data):
-        d.decompress(data[pos : pos + MiB], MiB * 8)
-        while d.unconsumed_tail:
-            d.decompress(d.unconsumed_tail, MiB * 8)
-        pos += MiB
-
-
-def _inflate_zlib(data: bytes) -> None:
-    d = zlib.decompressobj(31)
+def _inflate(data: bytes, decompressobj: Callable[[int], Any]) -> None:
+    """Gunzip ``data`` in 1 MiB steps with a zlib-like module's decompressor (output discarded)."""
+    d = decompressobj(31)
     pos = 0
     while pos < len(data):
         d.decompress(data[pos : pos + MiB], MiB * 8)
@@ -346,8 +348,8 @@ def ceilings(layout: Path) -> dict[str, Any]:
         "sample_uncompressed_bytes": len(raw),
         "sample_gzip_bytes": len(gz),
         "note": "single-thread CPU MB/s of uncompressed bytes, best of 2",
-        "gunzip_isal": round(_rate(got, lambda: _inflate_isal(gz)), 1),
-        "gunzip_zlib": round(_rate(got, lambda: _inflate_zlib(gz)), 1),
+        "gunzip_isal": round(_rate(got, lambda: _inflate(gz, isal_zlib.decompressobj)), 1),
+        "gunzip_zlib": round(_rate(got, lambda: _inflate(gz, zlib.decompressobj)), 1),
         "sha256": round(_rate(len(raw), lambda: hashlib.sha256(raw).digest()), 1),
     }
     csize = DEFAULT_CHUNK_SIZE
@@ -475,8 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "worker":
         return worker(args.source, args.out, args.chunk_size, args.level)
     data = run(args.image, args.runs, not args.no_sweep, not args.no_ceilings)
-    data["command"] = " ".join(["python -m bench.build_bench", *(sys.argv[1:] if argv is None else argv)])
-    log(f"results in {write_results(args.output, data)}")
+    save_results(args.output, data, "bench.build_bench", argv)
     return 0
 
 

@@ -50,7 +50,7 @@ from bench.build_bench import (
     log,
     machine_info,
     median_min_max,
-    write_results,
+    save_results,
 )
 from turbofs.core.config import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, KiB
 from turbofs.core.format import ALIGN, HEADER_SIZE, Blob, Chunk, Index, InodeSpec, encode
@@ -523,8 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = data["real"]
         log(f"real {args.image}: {r['encoded_bytes'] / 1e6:.2f} MB, load {r['load_ms']} ms")
     data["total_seconds"] = round(time.monotonic() - t0, 1)
-    data["command"] = " ".join(["python -m bench.index_bench", *(sys.argv[1:] if argv is None else argv)])
-    log(f"results in {write_results(args.output, data)}")
+    save_results(args.output, data, "bench.index_bench", argv)
     return 0
 
 

@@ -87,7 +87,6 @@ import mmap
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -112,6 +111,7 @@ from bench.build_bench import (
 )
 from bench.images import DigestingWriter
 from bench.netlink import NetnsLink
+from bench.registry_bench import listening_port
 from turbofs.core.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
@@ -145,7 +145,6 @@ AT_STATX_FORCE_SYNC: Final = 0x2000
 AT_FDCWD: Final = -100
 STATX_BASIC_STATS: Final = 0x7FF
 RSS_SAMPLE_S: Final = 0.02
-_LISTENING_RE: Final = re.compile(r"listening on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -445,18 +444,17 @@ def layout_figures(layout: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass
 class Registry:
     """``turbofs serve`` as a child process (optionally inside a network namespace)."""
 
-    def __init__(self, storage: Path, config: Path, log_path: Path, *, host: str = "127.0.0.1",
-                 port: int = 0, netns: str | None = None) -> None:
-        self.storage = storage
-        self.config = config
-        self.log_path = log_path
-        self.host = host
-        self.port = port
-        self.netns = netns
-        self.proc: subprocess.Popen[bytes] | None = None
+    storage: Path
+    config: Path
+    log_path: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port, the one bound once started
+    netns: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def host_port(self) -> str:
@@ -475,25 +473,12 @@ class Registry:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
                                          env=clean_env())
-        assert self.proc.stdout is not None
         out = self.proc.stdout
-        buf = b""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"turbofs serve did not start: {buf!r} (log {self.log_path})")
-            if select.select([out], [], [], left)[0]:
-                piece = os.read(out.fileno(), 4096)
-                if not piece:
-                    continue
-                buf += piece
-        m = _LISTENING_RE.search(buf.decode(errors="replace"))
-        if m is None:
+        try:
+            self.port = listening_port(self.proc, time.monotonic() + timeout, self.log_path)
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"unexpected first line from turbofs serve: {buf!r}")
-        self.port = int(m[2])
+            raise
         threading.Thread(target=self._drain, args=(out,), daemon=True).start()
 
     @staticmethod
@@ -731,7 +716,7 @@ def open_steps(registry: str, repo: str, tag: str, runs: int) -> dict[str, Any]:
     rows: list[dict[str, float]] = []
     erofs_prepare: Callable[[Any], object] | None = None
     with contextlib.suppress(ImportError):
-        erofs_prepare = getattr(importlib.import_module("turbofs.mount.erofsfs"), "prepare", None)
+        erofs_prepare = getattr(importlib.import_module("turbofs.erofs"), "prepare_image", None)
 
     async def once(cache_dir: Path) -> dict[str, float]:
         t: dict[str, float] = {}
@@ -889,6 +874,14 @@ def pagecache_read_ns(path: Path, offsets: Sequence[int]) -> list[int]:
     return out
 
 
+def _timed_read(paths: Sequence[Path], daemon_pid: int) -> dict[str, Any]:
+    """Read ``paths`` whole: MB/s, seconds and the daemon's CPU seconds."""
+    d0 = cpu_seconds(daemon_pid)
+    nbytes, secs = read_files(paths)
+    return {"mb_per_s": round(nbytes / secs / MB, 1), "seconds": round(secs, 3),
+            "daemon_cpu_s": round(cpu_seconds(daemon_pid) - d0, 2)}
+
+
 def bench_cached_reads(mounts: Mounts, ref: str, names: Sequence[str], file_size: int, runs: int,
                        registry_pid: int) -> dict[str, Any]:
     """Full prefetch into a disk cache, then reads from the disk tier and the page cache,
@@ -923,29 +916,17 @@ def bench_cached_reads(mounts: Mounts, ref: str, names: Sequence[str], file_size
         m = mounts.mount(ref, mp, cache, "--no-prefetch")
         paths = [mp / n for n in paths_rel]
         drop_caches()
-        d0 = cpu_seconds(m.pid)
-        nbytes, secs = read_files(paths)
-        d1 = cpu_seconds(m.pid)
-        row["disk_cold"] = {"mb_per_s": round(nbytes / secs / MB, 1), "seconds": round(secs, 3),
-                            "daemon_cpu_s": round(d1 - d0, 2)}
+        row["disk_cold"] = _timed_read(paths, m.pid)
         figures = fetch_figures(mounts.metrics(mp))
         row["disk_cold"]["fetched_bytes"] = int(figures["demand_bytes"] + figures["readahead_bytes"])
         # page cache (the same mount, second read)
-        nbytes2, secs2 = read_files(paths)
-        d2 = cpu_seconds(m.pid)
-        row["page_cache"] = {"mb_per_s": round(nbytes2 / secs2 / MB, 1), "seconds": round(secs2, 3),
-                             "daemon_cpu_s": round(d2 - d1, 2)}
+        row["page_cache"] = _timed_read(paths, m.pid)
         mounts.umount(mp)
         # disk tier, cache files in the page cache (a fresh mount: empty RAM tier, empty FUSE
         # page cache; the cache files are still in the page cache from the first read)
         mp = mounts.new_dir("mnt")
         m = mounts.mount(ref, mp, cache, "--no-prefetch")
-        paths = [mp / n for n in paths_rel]
-        d0 = cpu_seconds(m.pid)
-        nbytes3, secs3 = read_files(paths)
-        d1 = cpu_seconds(m.pid)
-        row["disk_warm"] = {"mb_per_s": round(nbytes3 / secs3 / MB, 1), "seconds": round(secs3, 3),
-                            "daemon_cpu_s": round(d1 - d0, 2)}
+        row["disk_warm"] = _timed_read([mp / n for n in paths_rel], m.pid)
         mounts.umount(mp)
         # 128 KiB O_DIRECT reads: disk tier (chunks not in RAM yet), then RAM tier (same chunks)
         mp = mounts.new_dir("mnt")
@@ -999,8 +980,8 @@ def cpu_components(layout: Path, chunks: int = 64) -> dict[str, Any]:
     """CPU per MB of what the daemon does to each chunk fetched, in this process, one core:
     zstd decompression + sha256 check (``decode_frame``), sha256 alone, and the disk-cache
     write (a temporary file, then a rename). For comparison with the daemon's CPU per MB."""
+    from turbofs.core.codec import decode_frame
     from turbofs.core.image import open_layout_image
-    from turbofs.node.cache import decode_frame
 
     img = open_layout_image(layout, TAG)
     ix = img.index
@@ -1057,7 +1038,7 @@ def client_fetch_cost(ref: str, batch: int = 4, parallel: int = 1, netns: str | 
         return result
     import trio
 
-    from turbofs.node.cache import decode_frame
+    from turbofs.core.codec import decode_frame
     from turbofs.node.source import open_image
 
     def decode_all(picked: Sequence[Any], frames: Sequence[bytes]) -> None:

@@ -60,12 +60,10 @@ from typing import Any, BinaryIO, Final
 
 from isal import igzip
 
-from bench.build_bench import REPO_ROOT, RESULTS_DIR, machine_info, write_results
+from bench.build_bench import REPO_ROOT, RESULTS_DIR, log, new_results, save_results
 from bench.images import ensure_image
 from bench.registry_bench import (
     Server,
-    code_state,
-    log,
     require_tools,
     servers_running,
     skopeo_copy,
@@ -329,49 +327,55 @@ def summarise(runs: list[dict[str, Any]], plain: dict[str, Any]) -> dict[str, An
             vals.append(float(v))
         return vals
 
+    def fig(case: str, key: str, digits: int, scale: float = 1.0) -> dict[str, float]:
+        return stats([v * scale for v in col(case, key)], digits)
+
+    def pct(values: list[float], whole: float, digits: int) -> dict[str, float]:
+        return stats([100 * v / whole for v in values], digits)
+
     sent_v2 = col("push_v2", "stored_new_bytes")
     dist_v2 = col("skopeo_v2", "stored_new_bytes")
     return {
         "turbo_image_bytes": turbo_total,
         "plain_image_compressed_bytes": plain["compressed_bytes"],
         "plain_image_uncompressed_bytes": plain["uncompressed_bytes"],
-        "convert_v1_seconds": stats(col("convert_v1", "wall_seconds"), 2),
-        "convert_v2_seconds": stats(col("convert_v2", "wall_seconds"), 2),
+        "convert_v1_seconds": fig("convert_v1", "wall_seconds", 2),
+        "convert_v2_seconds": fig("convert_v2", "wall_seconds", 2),
         "push_v1_dedup_off": {
-            "mb_sent": stats([b / 1e6 for b in col("push_v1_dedup_off", "stored_new_bytes")], 1),
-            "seconds": stats(col("push_v1_dedup_off", "wall_seconds"), 2),
-            "mb_per_s": stats(col("push_v1_dedup_off", "mb_per_s"), 1),
-            "mb_per_s_reported_seconds": stats(col("push_v1_dedup_off", "mb_per_s_reported_seconds"), 1),
+            "mb_sent": fig("push_v1_dedup_off", "stored_new_bytes", 1, 1e-6),
+            "seconds": fig("push_v1_dedup_off", "wall_seconds", 2),
+            "mb_per_s": fig("push_v1_dedup_off", "mb_per_s", 1),
+            "mb_per_s_reported_seconds": fig("push_v1_dedup_off", "mb_per_s_reported_seconds", 1),
         },
         "push_v1_dedup_on": {
-            "bytes_sent": stats(col("push_v1_dedup_on", "stored_new_bytes"), 0),
-            "seconds": stats(col("push_v1_dedup_on", "wall_seconds"), 2),
+            "bytes_sent": fig("push_v1_dedup_on", "stored_new_bytes", 0),
+            "seconds": fig("push_v1_dedup_on", "wall_seconds", 2),
         },
         "push_v2_one_file_change": {
             "bytes_sent": stats(sent_v2, 0),
-            "blobs_sent": stats(col("push_v2", "stored_new_blobs"), 0),
-            "pct_of_turbo_image": stats([100 * b / turbo_total for b in sent_v2], 3),
-            "pct_of_plain_compressed": stats([100 * b / plain["compressed_bytes"] for b in sent_v2], 3),
-            "pct_of_plain_uncompressed": stats([100 * b / plain["uncompressed_bytes"] for b in sent_v2], 3),
-            "wall_seconds": stats(col("push_v2", "wall_seconds"), 2),
-            "upload_only_seconds": stats(col("push_v2_upload_only", "wall_seconds"), 2),
-            "upload_only_bytes_sent": stats(col("push_v2_upload_only", "stored_new_bytes"), 0),
+            "blobs_sent": fig("push_v2", "stored_new_blobs", 0),
+            "pct_of_turbo_image": pct(sent_v2, turbo_total, 3),
+            "pct_of_plain_compressed": pct(sent_v2, plain["compressed_bytes"], 3),
+            "pct_of_plain_uncompressed": pct(sent_v2, plain["uncompressed_bytes"], 3),
+            "wall_seconds": fig("push_v2", "wall_seconds", 2),
+            "upload_only_seconds": fig("push_v2_upload_only", "wall_seconds", 2),
+            "upload_only_bytes_sent": fig("push_v2_upload_only", "stored_new_bytes", 0),
         },
         "skopeo_distribution": {
-            "v1_mb": stats([b / 1e6 for b in col("skopeo_v1", "stored_new_bytes")], 1),
-            "v1_seconds": stats(col("skopeo_v1", "wall_seconds"), 2),
-            "v1_mb_per_s": stats(col("skopeo_v1", "mb_per_s"), 1),
-            "v1_again_bytes": stats(col("skopeo_v1_again", "stored_new_bytes"), 0),
-            "v1_again_seconds": stats(col("skopeo_v1_again", "wall_seconds"), 2),
+            "v1_mb": fig("skopeo_v1", "stored_new_bytes", 1, 1e-6),
+            "v1_seconds": fig("skopeo_v1", "wall_seconds", 2),
+            "v1_mb_per_s": fig("skopeo_v1", "mb_per_s", 1),
+            "v1_again_bytes": fig("skopeo_v1_again", "stored_new_bytes", 0),
+            "v1_again_seconds": fig("skopeo_v1_again", "wall_seconds", 2),
             "v2_bytes_reuploaded": stats(dist_v2, 0),
-            "v2_pct_of_plain_compressed": stats([100 * b / plain["compressed_bytes"] for b in dist_v2], 2),
-            "v2_seconds": stats(col("skopeo_v2", "wall_seconds"), 2),
+            "v2_pct_of_plain_compressed": pct(dist_v2, plain["compressed_bytes"], 2),
+            "v2_seconds": fig("skopeo_v2", "wall_seconds", 2),
         },
         "turbofs_push_to_distribution": {
-            "v1_mb_per_s": stats(col("turbofs_to_distribution_v1", "mb_per_s"), 1),
-            "v1_seconds": stats(col("turbofs_to_distribution_v1", "wall_seconds"), 2),
-            "v2_bytes_sent": stats(col("turbofs_to_distribution_v2", "stored_new_bytes"), 0),
-            "v2_seconds": stats(col("turbofs_to_distribution_v2", "wall_seconds"), 2),
+            "v1_mb_per_s": fig("turbofs_to_distribution_v1", "mb_per_s", 1),
+            "v1_seconds": fig("turbofs_to_distribution_v1", "wall_seconds", 2),
+            "v2_bytes_sent": fig("turbofs_to_distribution_v2", "stored_new_bytes", 0),
+            "v2_seconds": fig("turbofs_to_distribution_v2", "wall_seconds", 2),
         },
         "ratio_reuploaded_turbofs_to_skopeo": round(statistics.median(sent_v2) / statistics.median(dist_v2), 4),
     }
@@ -383,14 +387,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = json.loads((v1 / "bench-image.json").read_text())
     plain = {"compressed_bytes": int(info["compressed_bytes"]), "uncompressed_bytes": int(info["uncompressed_bytes"])}
     work = Path(tempfile.mkdtemp(prefix="turbofs-push-bench-"))
-    data: dict[str, Any] = {
-        "benchmark": "push",
-        "machine": machine_info(),
-        "code": code_state(),
-        "tools": tool_versions(),
-        "settings": {"runs": args.runs, "changed_file": args.file, "change": CHANGE.decode()},
-        "plain_image": {"layout": str(v1), "manifest": info["manifest_digest"], **plain},
-    }
+    data = new_results(
+        "push",
+        tools=tool_versions(),
+        settings={"runs": args.runs, "changed_file": args.file, "change": CHANGE.decode()},
+        plain_image={"layout": str(v1), "manifest": info["manifest_digest"], **plain},
+    )
     try:
         log(f"work folder {work}; writing v2 of {IMAGE} with {args.file} changed")
         v2 = work / "v2"
@@ -420,9 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     data = run(args)
     data["total_seconds"] = round(time.monotonic() - t0, 1)
-    data["command"] = " ".join(["python -m bench.push_bench", *(sys.argv[1:] if argv is None else argv)])
     log("summary: " + json.dumps(data["summary"], indent=1))
-    log(f"results in {write_results(args.output, data)}")
+    save_results(args.output, data, "bench.push_bench", argv)
     return 0
 
 

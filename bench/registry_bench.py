@@ -54,7 +54,6 @@ import json
 import os
 import random
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -76,10 +75,12 @@ from bench.build_bench import (
     REPO_ROOT,
     RESULTS_DIR,
     ensure_variant,
-    machine_info,
+    log,
     median_min_max,
-    write_results,
+    new_results,
+    save_results,
 )
+from tests.process_fixtures import first_line
 from tests.registry_fixtures import distribution_config
 from turbofs.core.config import DEFAULT_CHUNK_SIZE, MiB
 from turbofs.core.image import LayoutImage, open_layout_image
@@ -100,25 +101,7 @@ IO_SYSCALLS: Final = ("sendfile", "write", "writev", "sendmsg", "sendto", "splic
                       "copy_file_range", "read", "pread64", "readv", "mmap")
 
 _T_START = time.monotonic()
-_LISTENING_RE: Final = re.compile(r"listening on http://([^:\s]+):(\d+) ")
-
-
-def log(msg: str) -> None:
-    print(f"bench [{time.monotonic() - _T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def code_state() -> dict[str, Any]:
-    """The commit measured, and the files of the code under test that differed from it."""
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-        return proc.stdout if proc.returncode == 0 else ""
-
-    changed = git("status", "--porcelain", "--", "turbofs", "index_builder", "server")
-    return {
-        "commit": git("rev-parse", "HEAD").strip() or None,
-        "uncommitted": [line[3:] for line in changed.splitlines() if len(line) > 3],
-    }
+_LISTENING_RE: Final = re.compile(r"listening on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
 
 def tool_versions() -> dict[str, str]:
@@ -262,6 +245,16 @@ def _await_http(server: Server, deadline: float) -> None:
         time.sleep(0.05)
 
 
+def listening_port(proc: subprocess.Popen[bytes], deadline: float, log_path: Path) -> int:
+    """The port in the first line ``turbofs serve`` prints ("... listening on http://HOST:PORT");
+    RuntimeError if it exits, prints something else, or prints nothing by ``deadline``."""
+    line = first_line(proc, deadline, "turbofs serve", log_path)
+    m = _LISTENING_RE.search(line)
+    if m is None:
+        raise RuntimeError(f"unexpected first line from turbofs serve: {line!r}")
+    return int(m[2])
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TURBOFS_REGISTRY_")}
 
@@ -281,26 +274,11 @@ def start_turbofs(workdir: Path, settings: dict[str, Any] | None = None) -> Serv
                             stdout=subprocess.PIPE, stderr=log_file)
     server = Server("turbofs", proc, 0, storage, log_path, log_file)
     deadline = time.monotonic() + START_TIMEOUT
-    assert proc.stdout is not None
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or (not server.running() and not sel.select(0)):
-                server.stop()
-                raise RuntimeError(f"turbofs serve printed no 'listening' line:\n{server.log_tail()}")
-            if sel.select(min(left, 0.5)):
-                piece = os.read(proc.stdout.fileno(), 4096)
-                if not piece:
-                    server.stop()
-                    raise RuntimeError(f"turbofs serve exited while starting:\n{server.log_tail()}")
-                buf += piece
-    m = _LISTENING_RE.search(buf.decode(errors="replace"))
-    if m is None:
+    try:
+        server.port = listening_port(proc, deadline, log_path)
+    except RuntimeError:
         server.stop()
-        raise RuntimeError(f"unexpected first line from turbofs serve: {buf!r}")
-    server.port = int(m[2])
+        raise
     _await_http(server, deadline)
     return server
 
@@ -780,18 +758,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"turbo image {img_dir}: {len(img.manifest.blobs)} chunk blobs, {img.index.n_chunks} chunks, "
         f"{image_bytes / 1e6:.1f} MB")
     work = Path(tempfile.mkdtemp(prefix="turbofs-registry-bench-"))
-    data: dict[str, Any] = {
-        "benchmark": "registry",
-        "machine": machine_info(),
-        "code": code_state(),
-        "tools": tool_versions(),
-        "settings": {"runs": args.runs, "duration_s": args.duration, "connections": conns_list,
-                     "range_bytes": RANGE_SIZE, "big_blob_bytes": BIG_BLOB_SIZE,
-                     "batch_ranges": BATCH_RANGES, "rss_sample_interval_s": SAMPLE_INTERVAL,
-                     "client": "wrk, 1 thread for 1 connection, 2 threads otherwise"},
-        "image": {"layout": str(img_dir), "manifest": img.manifest.digest, "bytes": image_bytes,
-                  "chunk_blobs": len(img.manifest.blobs), "chunks": img.index.n_chunks},
-    }
+    data = new_results(
+        "registry",
+        tools=tool_versions(),
+        settings={"runs": args.runs, "duration_s": args.duration, "connections": conns_list,
+                  "range_bytes": RANGE_SIZE, "big_blob_bytes": BIG_BLOB_SIZE,
+                  "batch_ranges": BATCH_RANGES, "rss_sample_interval_s": SAMPLE_INTERVAL,
+                  "client": "wrk, 1 thread for 1 connection, 2 threads otherwise"},
+        image={"layout": str(img_dir), "manifest": img.manifest.digest, "bytes": image_bytes,
+               "chunk_blobs": len(img.manifest.blobs), "chunks": img.index.n_chunks},
+    )
     try:
         log(f"work folder {work}; writing the {BIG_BLOB_SIZE // MiB} MiB random blob")
         big = work / "big.bin"
@@ -892,9 +868,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "registry.json")
     args = parser.parse_args(argv)
     data = run(args)
-    data["command"] = " ".join(["python -m bench.registry_bench", *(sys.argv[1:] if argv is None else argv)])
     print_table(data)
-    log(f"results in {write_results(args.output, data)}")
+    save_results(args.output, data, "bench.registry_bench", argv)
     return 0
 
 

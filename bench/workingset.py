@@ -67,10 +67,10 @@ from bench.build_bench import (
     ensure_variant,
     log,
     machine_info,
+    save_results,
     size_label,
     source_config,
     source_manifest,
-    write_results,
 )
 from bench.images import cache_dir, ensure_image
 from turbofs.core.errors import NotFound
@@ -525,8 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("bench.workingset needs root (umoci, chroot, mount, drop_caches)")
     passes = [p.strip() for p in args.readahead.split(",") if p.strip()]
     data = run(args.image, passes, list(_iter_sizes(args.chunk_sizes)), args.level)
-    data["command"] = " ".join(["python -m bench.workingset", *(sys.argv[1:] if argv is None else argv)])
-    log(f"results in {write_results(args.output, data)}")
+    save_results(args.output, data, "bench.workingset", argv)
     return 0
 
 

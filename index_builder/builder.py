@@ -3,8 +3,9 @@
 The steps, each in its own module::
 
     sources.open_source     the input image: config + layer blobs
-    layers.LayerStream      one layer as verified, decompressed tar bytes
-    read_layer (here)       tar entries -> tree operations; file data -> chunker
+    core.layers.LayerStream one layer as verified, decompressed tar bytes
+    read_layer (here)       tar entries (core.tar, core.fstree) -> tree operations;
+                            file data -> chunker
     tree.Tree               the layers flattened with the OCI whiteout rules
     chunker.ChunkStore      digest-addressed zstd chunks, small files packed, blobs
     format.encode           the index blob
@@ -20,31 +21,27 @@ import shutil
 import stat
 import sys
 import time
-from base64 import b64decode
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from tqdm import tqdm
 
 from index_builder.chunker import ChunkStore, Digest, LargeData, SmallData
 from index_builder.sources import LayerRef, SourceImage, open_source, synthetic_diff_id
-from index_builder.tree import Node, Op, Tree, classify, show, split_path
+from index_builder.tree import Node, Op, Tree, child, link_target
 from turbofs.core import format as fmt
 from turbofs.core import oci
 from turbofs.core.config import DEFAULT_PATH_MAX, BuildConfig
 from turbofs.core.errors import LimitExceeded, SourceError, UnsafeEntry
+from turbofs.core.fstree import classify, keep_xattr, pax_xattrs, resolve, show, split_path
 from turbofs.core.layers import LayerStream
 from turbofs.core.tar import TarEntry, TarError, TarReader
 from turbofs.core.trace import StartupTrace
-from turbofs.core.trace import split_path as split_trace_path
 
 log = logging.getLogger("turbofs.build")
-
-_NS = 1_000_000_000
 
 
 @dataclass
@@ -108,25 +105,6 @@ class BuildResult:
 
 # -- layer entries -----------------------------------------------------------------------
 
-_XATTR_PREFIX = b"SCHILY.xattr."
-_LIBARCHIVE_PREFIX = b"LIBARCHIVE.xattr."
-
-
-def _xattrs(pax: dict[bytes, bytes], what: str) -> tuple[tuple[bytes, bytes], ...]:
-    out: dict[bytes, bytes] = {}
-    for key, value in pax.items():
-        if not value:
-            continue  # POSIX pax: an empty value deletes the record
-        if key.startswith(_XATTR_PREFIX):
-            out[key[len(_XATTR_PREFIX) :]] = value
-        elif key.startswith(_LIBARCHIVE_PREFIX):
-            try:
-                out[unquote_to_bytes(key[len(_LIBARCHIVE_PREFIX) :])] = b64decode(value + b"=" * (-len(value) % 4))
-            except ValueError:
-                raise UnsafeEntry(f"{what}: invalid {key.decode(errors='replace')} record") from None
-    return tuple(sorted(out.items()))
-
-
 def _entry_op(e: TarEntry, tar: TarReader, store: ChunkStore, what_layer: str) -> Op | None:
     parts = split_path(e.name, what_layer, DEFAULT_PATH_MAX)
     special = classify(parts)
@@ -136,7 +114,7 @@ def _entry_op(e: TarEntry, tar: TarReader, store: ChunkStore, what_layer: str) -
         return Op(special, parts)  # the marker's own type and content do not matter
     what = f"{what_layer}: {show(e.name)}"
     common: dict[str, Any] = {
-        "mode": e.mode, "uid": e.uid, "gid": e.gid, "mtime_ns": e.mtime_ns, "xattrs": _xattrs(e.pax, what),
+        "mode": e.mode, "uid": e.uid, "gid": e.gid, "mtime_ns": e.mtime_ns, "xattrs": pax_xattrs(e.pax, what),
     }
     if e.type == "file":
         data = store.add_file(tar.read, e.size, what)
@@ -254,7 +232,6 @@ def _read_rootfs(root: Path, tree: Tree, store: ChunkStore, budget: _Budget) -> 
                 tree.apply(Op("fifo", parts, **common), what)
             else:
                 print(f"turbofs: warning: {what}: sockets cannot be stored; skipped", file=sys.stderr)
-    # the root's own attributes were set before its children changed it: fine, they are stored
 
 
 def _fs_xattrs(path: Path) -> tuple[tuple[bytes, bytes], ...]:
@@ -264,8 +241,10 @@ def _fs_xattrs(path: Path) -> tuple[tuple[bytes, bytes], ...]:
     except OSError:
         return ()
     for name in names:
+        if not keep_xattr(os.fsencode(name)):
+            continue
         try:
-            out.append((name.encode(), os.getxattr(path, name, follow_symlinks=False)))
+            out.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
         except OSError:
             continue
     return tuple(sorted(out))
@@ -295,41 +274,18 @@ def _startup_digests(
     for d in trace.chunks:
         if d in present:
             out[d] = None
-    if trace.paths:
-        by_path: dict[tuple[bytes, ...], Node] = dict(tree.walk())
-        for raw in trace.paths:
-            node = _follow(by_path, split_trace_path(raw))
-            if node is None:
-                log.warning("startup trace: %s is not a regular file of the image; skipped", show(raw))
-                continue
-            for digest, _off in file_refs.get(id(node), ()):
-                if digest is not None:
-                    out[digest] = None
+    for raw in trace.paths:
+        try:
+            found = resolve(tree.root, raw.split(b"/"), child, link_target, f"startup trace: {show(raw)}")
+        except UnsafeEntry:  # a symlink loop
+            found = None
+        if found is None or not stat.S_ISREG(found[1].mode):
+            log.warning("startup trace: %s is not a regular file of the image; skipped", show(raw))
+            continue
+        for digest, _off in file_refs.get(id(found[1]), ()):
+            if digest is not None:
+                out[digest] = None
     return list(out)
-
-
-def _follow(by_path: dict[tuple[bytes, ...], Node], parts: tuple[bytes, ...]) -> Node | None:
-    """The regular file at ``parts``, following symlinks (40 at most, like the kernel)."""
-    for _ in range(40):
-        node = by_path.get(parts)
-        if node is None:
-            return None
-        if stat.S_ISREG(node.mode):
-            return node
-        if not stat.S_ISLNK(node.mode):
-            return None
-        base = () if node.target.startswith(b"/") else parts[:-1]
-        resolved: list[bytes] = list(base)
-        for p in node.target.split(b"/"):
-            if p in (b"", b"."):
-                continue
-            if p == b"..":
-                if resolved:
-                    resolved.pop()
-            else:
-                resolved.append(p)
-        parts = tuple(resolved)
-    return None
 
 
 def _assemble(

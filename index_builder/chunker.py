@@ -1,25 +1,19 @@
-"""Cutting file data into digest-addressed zstd chunks, and packing them into blobs.
+"""Cutting file data into digest-addressed chunks and packing them into blobs.
 
-* A file of at least ``chunk_size`` bytes is cut at multiples of ``chunk_size`` from its
-  start; each piece is a chunk of its own, so its digest depends on the file's content
-  only (equal pieces of any file, image or version are one chunk).
-* Smaller files wait (in memory, then in a spool file) while the layers stream by, and are
-  packed at the end, in path order, into shared chunks with each file at a 4 KiB-aligned
-  offset: a directory of small files arrives in a few fetches. Files with equal content are
-  stored once. A pack ends where it is full or, content-defined, after a file whose digest
-  says so (on average every half chunk): a changed file changes its own pack, not every
-  pack after it.
+* A file of at least ``chunk_size`` bytes is cut at multiples of ``chunk_size``: each
+  piece's digest depends on its content only, so equal pieces of any file or image are one chunk.
+* Smaller files wait (in memory, then in a spool file) and are packed at the end, in path
+  order, into shared chunks at 4 KiB-aligned offsets (a directory arrives in a few
+  fetches); equal files are stored once. A pack ends when full or, content-defined, after
+  a file whose CRC says so, so a changed file changes its own pack only.
 * A piece of zeros is a hole: no chunk, never fetched.
-* Chunks are hashed (sha256 of the uncompressed bytes) and compressed (one zstd frame each)
-  on a thread pool; both release the GIL.
-* Blobs are cut content-defined: after a chunk whose digest says so, once the blob holds
-  ``blob_min`` compressed bytes, and always at ``blob_max``. One changed chunk changes one
-  blob, so a small change to an image re-uploads little.
+* Chunks are hashed and compressed (:mod:`turbofs.core.codec`) on a thread pool.
+* Blobs are cut content-defined (after a chunk whose digest says so, between ``blob_min``
+  and ``blob_max``), so one changed chunk changes one blob.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -28,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import zstandard
 from isal import isal_zlib
 
 from turbofs.core import format as fmt
 from turbofs.core import oci
-from turbofs.core.config import BuildConfig
+from turbofs.core.codec import ChunkCompressor, chunk_digest
+from turbofs.core.config import BUILD_CHUNKS_QUEUED_PER_WORKER, BuildConfig
 from turbofs.core.errors import SourceError
 
 #: Chunk digest -> None (a hole) for a piece of zeros.
@@ -82,8 +76,8 @@ class ChunkStore:
         self._pending: set[bytes] = set()
         self._spool_size = 0
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="chunk")
-        self._slots = threading.Semaphore(cfg.workers * 4)
-        self._local = threading.local()
+        self._slots = threading.Semaphore(cfg.workers * BUILD_CHUNKS_QUEUED_PER_WORKER)
+        self._codec = ChunkCompressor(cfg.zstd_level)
         self._zeros = bytes(self.chunk_size)
         self.file_bytes = 0  # bytes of file content seen (before dedup)
 
@@ -126,23 +120,15 @@ class ChunkStore:
         fut.add_done_callback(lambda _f: self._slots.release())
         return fut
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = zstandard.ZstdCompressor(level=self.cfg.zstd_level, write_content_size=True)
-            self._local.cctx = cctx
-        return cctx
-
     def _put_chunk(self, data: bytes) -> Digest:
         if data == self._zeros[: len(data)]:
             return None
-        digest = hashlib.sha256(data).digest()
+        digest = chunk_digest(data)
         with self._lock:
             if digest in self._stored or digest in self._pending:
                 return digest
             self._pending.add(digest)
-        comp = self._compressor().compress(data)
-        frame = hashlib.sha256(comp).digest()
+        comp, frame = self._codec.compress(data)
         with self._lock:
             off = self._spool_size
             self._spool_size += len(comp)

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, cast
 from turbofs.core import oci
 from turbofs.core.config import BuildConfig
 from turbofs.core.errors import FormatError, LimitExceeded, NotFound, SourceError
+from turbofs.core.layers import sniff_compression
 
 
 @dataclass
@@ -123,7 +124,7 @@ class _TarBlobs(_BlobStore):
         super().__init__(str(path), cfg)
         with open(path, "rb") as f:
             head = f.read(4)
-        if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+        if sniff_compression(head) != "none":
             raise SourceError(f"{path}: compressed archives are not supported; decompress it first")
         try:
             self.tar = tarfile.open(path, "r:")

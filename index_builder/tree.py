@@ -1,63 +1,48 @@
 """Flattening: apply layer entries in order, with the OCI layer semantics, to one tree.
 
-The rules (https://github.com/opencontainers/image-spec/blob/main/layer.md):
+The rules (https://github.com/opencontainers/image-spec/blob/main/layer.md; the shared
+entry rules are in :mod:`turbofs.core.fstree`):
 
-* ``DIR/.wh.NAME`` removes NAME, and ``DIR/.wh..wh..opq`` every child of DIR, from the
-  layers *below*: whiteouts of a layer are applied before that layer's other entries, so
-  they never hide what the same layer adds. Other ``.wh..wh.*`` names (aufs bookkeeping)
-  are ignored.
+* Whiteouts of a layer are applied before that layer's other entries, so they never hide
+  what the same layer adds.
 * An entry replaces what its path holds, except that a directory over a directory only
   updates the attributes and keeps the children.
 * A hardlink entry adds a name for the inode its target path holds at that moment (in the
   same layer or a lower one); the inode keeps its own attributes.
-* Parent components are resolved inside the root, following symlinks the way a safe
-  extractor does (absolute targets restart at the root, ``..`` stops at the root).
-  Missing parents are created as directories (mode 0755, owner 0:0, the entry's mtime).
-* Entry paths that are absolute or contain ``..`` are refused: they would escape the root.
+* Parent components are resolved inside the root (:func:`turbofs.core.fstree.resolve`);
+  missing parents are created as directories (mode 0755, owner 0:0, the entry's mtime).
 """
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
+from turbofs.core import fstree
 from turbofs.core.errors import SourceError, UnsafeEntry
-
-MAX_SYMLINKS: Final = 40
-WHITEOUT_PREFIX: Final = b".wh."
-OPAQUE: Final = b".wh..wh..opq"
-META_PREFIX: Final = b".wh..wh."
+from turbofs.core.fstree import show
 
 
+@dataclass(slots=True, eq=False)
 class Node:
     """One inode of the flattened tree; hardlinked names share one Node."""
 
-    __slots__ = ("children", "data", "gid", "mode", "mtime_ns", "rdev", "size", "target", "uid", "xattrs")
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    size: int = 0
+    data: object = None
+    target: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+    children: dict[bytes, Node] | None = field(default=None, init=False)
 
-    def __init__(
-        self,
-        mode: int,
-        uid: int = 0,
-        gid: int = 0,
-        mtime_ns: int = 0,
-        xattrs: tuple[tuple[bytes, bytes], ...] = (),
-        size: int = 0,
-        data: object = None,
-        target: bytes = b"",
-        rdev: tuple[int, int] = (0, 0),
-    ) -> None:
-        self.mode = mode
-        self.uid = uid
-        self.gid = gid
-        self.mtime_ns = mtime_ns
-        self.xattrs = xattrs
-        self.size = size
-        self.data = data
-        self.target = target
-        self.rdev = rdev
-        self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
+    def __post_init__(self) -> None:
+        if stat.S_ISDIR(self.mode):
+            self.children = {}
 
     @property
     def is_dir(self) -> bool:
@@ -91,37 +76,14 @@ _TYPE_BITS: Final = {
 }
 
 
-def show(path: bytes | tuple[bytes, ...]) -> str:
-    raw = b"/".join(path) if isinstance(path, tuple) else path
-    return raw.decode("utf-8", "backslashreplace") or "/"
+def link_target(node: Node) -> bytes | None:
+    """The target of a symlink node, None for any other node."""
+    return node.target if stat.S_ISLNK(node.mode) else None
 
 
-def split_path(name: bytes, what: str, path_max: int) -> tuple[bytes, ...]:
-    """Validated components of an entry path (no empty, "." or ".." components)."""
-    if len(name) > path_max:
-        raise UnsafeEntry(f"{what}: path of {len(name)} bytes is longer than {path_max}")
-    if name.startswith(b"/"):
-        raise UnsafeEntry(f"{what}: absolute path {show(name)!r} would escape the root")
-    if b"\0" in name:
-        raise UnsafeEntry(f"{what}: path {show(name)!r} contains a NUL byte")
-    parts = tuple(p for p in name.split(b"/") if p not in (b"", b"."))
-    if b".." in parts:
-        raise UnsafeEntry(f"{what}: path {show(name)!r} contains '..' and would escape the root")
-    return parts
-
-
-def classify(parts: tuple[bytes, ...]) -> str | None:
-    """'whiteout', 'opaque', 'meta' (ignored aufs names) or None for an ordinary name."""
-    if not parts:
-        return None
-    name = parts[-1]
-    if not name.startswith(WHITEOUT_PREFIX):
-        return None
-    if name == OPAQUE:
-        return "opaque"
-    if name.startswith(META_PREFIX):
-        return "meta"
-    return "whiteout"
+def child(node: Node, name: bytes) -> Node | None:
+    """The child ``name`` of a directory node; None if missing or ``node`` is no directory."""
+    return node.children.get(name) if node.children is not None else None
 
 
 class Tree:
@@ -131,40 +93,24 @@ class Tree:
     # -- path resolution
 
     def _walk(self, parts: tuple[bytes, ...], *, create: bool, mtime_ns: int, what: str) -> Node | None:
-        """The directory at ``parts``, following symlinks inside the root."""
-        stack = [self.root]
-        todo = list(reversed(parts))
-        links = 0
-        while todo:
-            comp = todo.pop()
-            if comp in (b"", b"."):
-                continue
-            if comp == b"..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            cur = stack[-1]
-            assert cur.children is not None
-            child = cur.children.get(comp)
-            if child is None:
+        """The directory at ``parts``, following symlinks inside the root; missing ones are
+        made when ``create``, else the walk gives None."""
+
+        def step(parent: Node, name: bytes) -> Node | None:
+            assert parent.children is not None
+            node = parent.children.get(name)
+            if node is None:
                 if not create:
                     return None
-                child = Node(stat.S_IFDIR | 0o755, mtime_ns=mtime_ns)
-                cur.children[comp] = child
-            if stat.S_ISLNK(child.mode):
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise SourceError(f"{what}: too many levels of symbolic links in its parent path")
-                if child.target.startswith(b"/"):
-                    stack = [self.root]
-                todo.extend(reversed(child.target.split(b"/")))
-                continue
-            if not child.is_dir:
+                node = parent.children[name] = Node(stat.S_IFDIR | 0o755, mtime_ns=mtime_ns)
+            elif not node.is_dir and not stat.S_ISLNK(node.mode):
                 if not create:
                     return None
-                raise SourceError(f"{what}: parent component {show(comp)!r} is not a directory")
-            stack.append(child)
-        return stack[-1]
+                raise SourceError(f"{what}: parent component {show(name)!r} is not a directory")
+            return node
+
+        found = fstree.resolve(self.root, parts, step, link_target, what)
+        return None if found is None else found[1]
 
     # -- operations
 
@@ -176,7 +122,7 @@ class Tree:
         if op.kind == "opaque":
             parent.children.clear()
         else:
-            parent.children.pop(op.parts[-1][len(WHITEOUT_PREFIX) :], None)
+            parent.children.pop(fstree.whited_name(op.parts), None)
 
     def apply(self, op: Op, what: str) -> None:
         if not op.parts:
@@ -207,7 +153,7 @@ class Tree:
         tparts = op.target
         parts = tuple(p for p in tparts.split(b"/") if p not in (b"", b"."))
         parent = self._walk(parts[:-1], create=False, mtime_ns=0, what=what) if parts else None
-        node = parent.children.get(parts[-1]) if parent is not None and parent.children is not None else None
+        node = child(parent, parts[-1]) if parent is not None else None
         if node is None:
             raise SourceError(f"{what}: hardlink target {show(tparts)!r} does not exist")
         if node.is_dir:

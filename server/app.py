@@ -50,15 +50,21 @@ from server.errors import (
     BlobUnknown,
     BlobUploadInvalid,
     DigestInvalid,
+    DistributionError,
     ManifestUnknown,
     RangeInvalid,
-    RegistryError,
     SizeInvalid,
     Unsupported,
     error_response,
 )
+from server.offload import offload
 from server.storage import Storage, check_blob_digest, check_name
-from turbofs.core.config import RegistryConfig
+from turbofs.core.config import (
+    REGISTRY_CATALOG_PAGE,
+    REGISTRY_IO_CHUNK,
+    REGISTRY_MAX_PAGE,
+    RegistryConfig,
+)
 from turbofs.core.errors import UsageError
 from turbofs.core.oci import OCI_INDEX
 
@@ -69,11 +75,6 @@ CONFIG_KEY: Final = web.AppKey("config", RegistryConfig)
 
 API_VERSION_HEADER: Final[str] = "Docker-Distribution-API-Version"
 API_VERSION: Final = "registry/2.0"
-#: Read size for request bodies streamed to disk.
-BODY_CHUNK: Final = 1 << 20
-#: Page size of the catalog when the client gives no ``n``; the largest page we answer.
-DEFAULT_CATALOG_PAGE: Final = 1000
-MAX_PAGE: Final = 10_000
 
 # -- routing -----------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ def _check_body_size(request: web.Request, offset: int = 0) -> None:
 
 
 def _body(request: web.Request) -> AsyncIterator[bytes]:
-    return request.content.iter_chunked(BODY_CHUNK)
+    return request.content.iter_chunked(REGISTRY_IO_CHUNK)
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:
@@ -195,7 +196,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
         raise too_big
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(BODY_CHUNK):
+    async for chunk in request.content.iter_chunked(REGISTRY_IO_CHUNK):
         size += len(chunk)
         if size > limit:
             raise too_big
@@ -213,7 +214,7 @@ def _page_args(request: web.Request, default: int | None) -> tuple[int | None, s
             n = -1
         if n < 0:
             raise Unsupported(f"invalid page size n={raw_n!r}", status=400, detail={"n": raw_n[:50]})
-        n = min(n, MAX_PAGE)
+        n = min(n, REGISTRY_MAX_PAGE)
     last = request.query.get("last") or None
     return n, last
 
@@ -240,8 +241,8 @@ async def _base(request: web.Request, route: Route) -> web.StreamResponse:
 
 
 async def _catalog(request: web.Request, route: Route) -> web.StreamResponse:
-    repos = await asyncio.to_thread(_storage(request).repositories)
-    n, last = _page_args(request, DEFAULT_CATALOG_PAGE)
+    repos = await offload(_storage(request).repositories)
+    n, last = _page_args(request, REGISTRY_CATALOG_PAGE)
     page, more = _paginate(repos, n, last)
     headers = {}
     if more:
@@ -250,7 +251,7 @@ async def _catalog(request: web.Request, route: Route) -> web.StreamResponse:
 
 
 async def _tags(request: web.Request, route: Route) -> web.StreamResponse:
-    tags = await asyncio.to_thread(_storage(request).tags, route.name)
+    tags = await offload(_storage(request).tags, route.name)
     n, last = _page_args(request, None)
     page, more = _paginate(tags, n, last)
     headers = {}
@@ -270,7 +271,7 @@ def _etag_matches(request: web.Request, etag: str) -> bool:
 async def _get_manifest(request: web.Request, route: Route) -> web.StreamResponse:
     storage = _storage(request)
     if request.method == hdrs.METH_HEAD:
-        info = await asyncio.to_thread(storage.manifest_info, route.name, route.ref)
+        info = await offload(storage.manifest_info, route.name, route.ref)
         if info is None:
             raise ManifestUnknown(
                 f"manifest {route.ref} is not in {route.name}", detail={"reference": route.ref}
@@ -278,7 +279,7 @@ async def _get_manifest(request: web.Request, route: Route) -> web.StreamRespons
         media_type, digest, size = info
         data = None
     else:
-        found = await asyncio.to_thread(storage.get_manifest, route.name, route.ref)
+        found = await offload(storage.get_manifest, route.name, route.ref)
         if found is None:
             raise ManifestUnknown(
                 f"manifest {route.ref} is not in {route.name}", detail={"reference": route.ref}
@@ -304,7 +305,7 @@ async def _put_manifest(request: web.Request, route: Route) -> web.StreamRespons
     check_name(route.name)
     data = await _read_limited(request, _config(request).max_manifest_size)
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-    result = await asyncio.to_thread(
+    result = await offload(
         storage.put_manifest_info, route.name, route.ref, data, content_type
     )
     headers = {
@@ -315,14 +316,14 @@ async def _put_manifest(request: web.Request, route: Route) -> web.StreamRespons
     if result.subject is not None:
         headers["OCI-Subject"] = result.subject
     try:
-        turbo_ext.on_manifest_put(request.app, route.name, route.ref, result.digest, result.media_type)
+        await turbo_ext.on_manifest_put(request.app, route.name, route.ref, result.digest, result.media_type)
     except Exception:  # the push succeeded; a failing hook must not turn it into an error
         log.exception("manifest hook failed for %s:%s", route.name, route.ref)
     return web.Response(status=201, headers=headers)
 
 
 async def _delete_manifest(request: web.Request, route: Route) -> web.StreamResponse:
-    await asyncio.to_thread(_storage(request).delete_manifest, route.name, route.ref)
+    await offload(_storage(request).delete_manifest, route.name, route.ref)
     return web.Response(status=202, headers={hdrs.CONTENT_LENGTH: "0"})
 
 
@@ -363,13 +364,18 @@ async def _sendfile(request: web.Request, f: BinaryIO, offset: int, count: int) 
     await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
+def _open_sized(path: Path) -> tuple[BinaryIO, int]:
+    f = open(path, "rb")
+    return f, os.fstat(f.fileno()).st_size
+
+
 async def _multi_range(
     request: web.Request, path: Path, digest: str, header: str
 ) -> web.StreamResponse:
     """Answer a Range header with several ranges: 206 multipart/byteranges, each part sent
     with sendfile(2) like a single range."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    f, size = await offload(_open_sized, path)
+    with f:  # closing a file opened for reading does no I/O
         ranges = _parse_ranges(header, size)
         limit = _config(request).max_batch_ranges
         if not ranges or len(ranges) > limit:
@@ -423,7 +429,7 @@ async def _multi_range(
 async def _get_blob(request: web.Request, route: Route) -> web.StreamResponse:
     storage = _storage(request)
     digest = check_blob_digest(route.ref)
-    path = storage.blob_path(digest) if storage.repo_has_blob(route.name, digest) else None
+    path = await offload(storage.find_blob, route.name, digest)
     if path is None:
         raise BlobUnknown(f"blob {digest} is not in {route.name}", detail={"digest": digest})
     range_header = request.headers.get(hdrs.RANGE, "")
@@ -441,7 +447,7 @@ async def _get_blob(request: web.Request, route: Route) -> web.StreamResponse:
 
 async def _delete_blob(request: web.Request, route: Route) -> web.StreamResponse:
     digest = check_blob_digest(route.ref)
-    await asyncio.to_thread(_storage(request).unlink_blob, route.name, digest)
+    await offload(_storage(request).unlink_blob, route.name, digest)
     return web.Response(status=202, headers={hdrs.CONTENT_LENGTH: "0"})
 
 
@@ -455,23 +461,24 @@ async def _start_upload(request: web.Request, route: Route) -> web.StreamRespons
     if mount is not None:
         digest = check_blob_digest(mount)
         source = query.get("from")
-        if source and storage.repo_has_blob(check_name(source), digest):
-            await asyncio.to_thread(storage.link_blob, name, digest)
-            return _blob_created(name, digest)
+        if source:
+            mounted = await offload(storage.mount_blob, name, check_name(source), digest)
+            if mounted:
+                return _blob_created(name, digest)
         # not mountable: an ordinary upload session (202), as the spec says
     elif "digest" in query:
         digest = check_blob_digest(query["digest"])
         _check_body_size(request)
-        uuid = await asyncio.to_thread(storage.new_upload, name)
+        uuid = await offload(storage.new_upload, name)
         try:
             await storage.upload_append(uuid, _body(request), 0, repo=name)
-            await asyncio.to_thread(storage.upload_finish, uuid, digest, repo=name)
+            await offload(storage.upload_finish, uuid, digest, repo=name)
         except BaseException:
-            with contextlib.suppress(RegistryError, OSError):
-                storage.upload_cancel(uuid)
+            with contextlib.suppress(DistributionError, OSError):
+                await offload(storage.upload_cancel, uuid)
             raise
         return _blob_created(name, digest)
-    uuid = await asyncio.to_thread(storage.new_upload, name)
+    uuid = await offload(storage.new_upload, name)
     return web.Response(status=202, headers=_upload_headers(name, uuid, 0))
 
 
@@ -488,7 +495,7 @@ async def _append(request: web.Request, route: Route) -> int:
         )
     try:
         if length is not None:
-            status = await asyncio.to_thread(storage.upload_status, route.ref, repo=route.name)
+            status = await offload(storage.upload_status, route.ref, repo=route.name)
             if start is not None and start != status.offset:
                 raise RangeInvalid(
                     f"chunk starts at {start} but the upload is at {status.offset}",
@@ -520,24 +527,24 @@ async def _put_upload(request: web.Request, route: Route) -> web.StreamResponse:
     digest = check_blob_digest(raw)
     if request.body_exists:
         await _append(request, route)
-    await asyncio.to_thread(storage.upload_finish, route.ref, digest, repo=route.name)
+    await offload(storage.upload_finish, route.ref, digest, repo=route.name)
     return _blob_created(route.name, digest)
 
 
 async def _upload_status(request: web.Request, route: Route) -> web.StreamResponse:
-    status = await asyncio.to_thread(_storage(request).upload_status, route.ref, repo=route.name)
+    status = await offload(_storage(request).upload_status, route.ref, repo=route.name)
     return web.Response(status=204, headers=_upload_headers(route.name, route.ref, status.offset))
 
 
 async def _cancel_upload(request: web.Request, route: Route) -> web.StreamResponse:
-    await asyncio.to_thread(_storage(request).upload_cancel, route.ref, repo=route.name)
+    await offload(_storage(request).upload_cancel, route.ref, repo=route.name)
     return web.Response(status=204)
 
 
 async def _referrers(request: web.Request, route: Route) -> web.StreamResponse:
     digest = check_blob_digest(route.ref)
     artifact_type = request.query.get("artifactType") or None
-    found = await asyncio.to_thread(_storage(request).referrers, route.name, digest, artifact_type)
+    found = await offload(_storage(request).referrers, route.name, digest, artifact_type)
     headers: dict[str, str] = {hdrs.CONTENT_TYPE: OCI_INDEX}
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"
@@ -593,7 +600,7 @@ async def _error_middleware(
 ) -> web.StreamResponse:
     try:
         return await handler(request)
-    except RegistryError as exc:
+    except DistributionError as exc:
         return error_response(exc, head=request.method == hdrs.METH_HEAD)
     except (web.HTTPException, asyncio.CancelledError):
         raise
@@ -605,7 +612,7 @@ async def _error_middleware(
         return error_response(broken, head=request.method == hdrs.METH_HEAD)
     except Exception as exc:
         log.exception("internal error on %s %s", request.method, request.path)
-        err = RegistryError(f"internal error: {type(exc).__name__}", status=500)
+        err = DistributionError(f"internal error: {type(exc).__name__}", status=500)
         return error_response(err, head=request.method == hdrs.METH_HEAD)
 
 
@@ -618,12 +625,12 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     storage = app[STORAGE_KEY]
     interval = min(max(app[CONFIG_KEY].upload_ttl / 4, 0.05), 60.0)
     with contextlib.suppress(OSError):
-        await asyncio.to_thread(storage.clean_temporary_files, 60.0)
+        await offload(storage.clean_temporary_files, 60.0)
 
     async def expire_forever() -> None:
         while True:
             try:
-                expired = await asyncio.to_thread(storage.expire_uploads)
+                expired = await offload(storage.expire_uploads)
                 if expired:
                     log.info("expired %d idle upload session(s)", expired)
             except Exception:
@@ -641,12 +648,7 @@ def create_app(cfg: RegistryConfig, storage: Storage | None = None) -> web.Appli
     """The registry as an aiohttp application (auth and turbo extensions included)."""
     if storage is None:
         try:
-            storage = Storage(
-                cfg.storage,
-                max_blob_size=cfg.max_blob_size,
-                max_manifest_size=cfg.max_manifest_size,
-                upload_ttl=cfg.upload_ttl,
-            )
+            storage = Storage(cfg.storage, cfg)
         except OSError as exc:
             raise UsageError(f"cannot use the storage folder {cfg.storage}: {exc}") from None
     app = web.Application(middlewares=[_error_middleware])

@@ -33,7 +33,6 @@ The token endpoint also takes the OAuth2 form (``POST /token``, ``grant_type=pas
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import collections
@@ -45,6 +44,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server.errors import Unauthorized, error_response
+from server.offload import offload
 from turbofs.core.auth import (
     ALL,
     CATALOG,
@@ -70,7 +71,18 @@ from turbofs.core.auth import (
     parse_scopes,
     required_access,
 )
-from turbofs.core.config import RegistryConfig
+from turbofs.core.config import (
+    MAX_TOKEN_LENGTH,
+    REFRESH_TOKEN_TTL,
+    SCRYPT_LOG_N,
+    SCRYPT_MAX_LOG_N,
+    SCRYPT_P,
+    SCRYPT_R,
+    TOKEN_KEY_SIZE,
+    TOKEN_MIN_KEY_SIZE,
+    VERIFIED_LOGINS_CACHE,
+    RegistryConfig,
+)
 from turbofs.core.errors import UsageError
 
 log = logging.getLogger("turbofs.registry.auth")
@@ -79,21 +91,8 @@ SERVICE: Final = "turbofs"
 ISSUER: Final = "turbofs"
 TOKEN_PATH: Final = "/token"
 KEY_FILE_NAME: Final = "token.key"
-KEY_SIZE: Final = 32
-MIN_KEY_SIZE: Final = 16
-#: Lifetime of the refresh tokens handed out for ``offline_token=true``/``access_type=offline``.
-REFRESH_TOKEN_TTL: Final = 30 * 24 * 3600.0
-MAX_TOKEN_LENGTH: Final = 16 * 1024
-#: scrypt cost: N = 2**15, r = 8, p = 1 (32 MiB, ~0.1 s here). Hashes carry their own cost.
-SCRYPT_LOG_N: Final = 15
-SCRYPT_R: Final = 8
-SCRYPT_P: Final = 1
-_SCRYPT_MAX_LOG_N: Final = 20
 _SALT_SIZE: Final = 16
 _HASH_SIZE: Final = 32
-#: Successful Basic logins remembered (keyed by a keyed hash of user, password and stored
-#: hash), so that clients sending Basic on every request do not pay scrypt each time.
-_VERIFIED_CACHE_SIZE: Final = 1024
 
 USER_KEY: Final = web.RequestKey("turbofs_user", str)
 """The authenticated user of a request (``""`` for anonymous), set by the gate."""
@@ -131,7 +130,7 @@ _SCRYPT_RE: Final = re.compile(r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-
 
 def is_supported_hash(encoded: str) -> bool:
     m = _SCRYPT_RE.match(encoded)
-    return m is not None and 1 <= int(m[1]) <= _SCRYPT_MAX_LOG_N and 1 <= int(m[2]) <= 32 and 1 <= int(m[3]) <= 16
+    return m is not None and 1 <= int(m[1]) <= SCRYPT_MAX_LOG_N and 1 <= int(m[2]) <= 32 and 1 <= int(m[3]) <= 16
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -178,16 +177,25 @@ def _dummy_hash() -> str:
 
 
 class UsersFile:
-    """The users file, read again whenever it changes (mtime, size or inode)."""
+    """The users file, read again whenever it changes (mtime, size or inode).
+
+    Its methods block (file reads, scrypt): the gate calls them through ``offload``, so
+    ``_lock`` guards the parsed users and the cache of verified logins against worker threads.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
         self._secret = secrets.token_bytes(32)
         self._verified: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def _reload(self) -> None:
+        with self._lock:
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -230,20 +238,24 @@ class UsersFile:
 
     def check(self, user: str, password: str) -> bool:
         """Whether the user exists and the password is right (slow: scrypt, unless cached)."""
-        self._reload()
-        encoded = self._users.get(user)
+        with self._lock:
+            self._reload_locked()
+            encoded = self._users.get(user)
+            key = b""
+            if encoded is not None:
+                key = hmac.digest(self._secret, b"\0".join((user.encode(), password.encode(), encoded.encode())), "sha256")
+                if key in self._verified:
+                    self._verified.move_to_end(key)
+                    return True
         if encoded is None:
             verify_password(password, _dummy_hash())
             return False
-        key = hmac.digest(self._secret, b"\0".join((user.encode(), password.encode(), encoded.encode())), "sha256")
-        if key in self._verified:
-            self._verified.move_to_end(key)
-            return True
         if not verify_password(password, encoded):
             return False
-        self._verified[key] = None
-        while len(self._verified) > _VERIFIED_CACHE_SIZE:
-            self._verified.popitem(last=False)
+        with self._lock:
+            self._verified[key] = None
+            while len(self._verified) > VERIFIED_LOGINS_CACHE:
+                self._verified.popitem(last=False)
         return True
 
 
@@ -291,8 +303,8 @@ class TokenSigner:
         issuer: str = ISSUER,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if len(key) < MIN_KEY_SIZE:
-            raise UsageError(f"the token signing key must have at least {MIN_KEY_SIZE} bytes")
+        if len(key) < TOKEN_MIN_KEY_SIZE:
+            raise UsageError(f"the token signing key must have at least {TOKEN_MIN_KEY_SIZE} bytes")
         self._key = key
         self.service = service
         self.issuer = issuer
@@ -376,7 +388,7 @@ def load_token_key(cfg: RegistryConfig) -> bytes:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(KEY_SIZE))
+                f.write(secrets.token_bytes(TOKEN_KEY_SIZE))
                 f.flush()
                 os.fsync(f.fileno())
             try:
@@ -389,8 +401,8 @@ def load_token_key(cfg: RegistryConfig) -> bytes:
         key = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read token signing key {path}: {exc.strerror}") from None
-    if len(key) < MIN_KEY_SIZE:
-        raise UsageError(f"token signing key {path} is too short ({len(key)} bytes, at least {MIN_KEY_SIZE})")
+    if len(key) < TOKEN_MIN_KEY_SIZE:
+        raise UsageError(f"token signing key {path} is too short ({len(key)} bytes, at least {TOKEN_MIN_KEY_SIZE})")
     if path.stat().st_mode & 0o077:
         log.warning("token signing key %s is readable by others than its owner (chmod 600)", path)
     return key
@@ -491,11 +503,10 @@ class Authenticator:
     # credentials ---------------------------------------------------------------------
 
     async def check_user(self, user: str, password: str) -> bool:
-        """The users-file check, off the event loop (scrypt takes ~0.1 s)."""
+        """The users-file check (scrypt), off the event loop."""
         if not user:
             return False
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.users.check, user, password)
+        return await offload(self.users.check, user, password)
 
     def realm(self, request: web.Request) -> str:
         host = request.host
@@ -622,7 +633,7 @@ class Authenticator:
             except InvalidToken as exc:
                 return self._oauth_error(401, "invalid_grant", str(exc))
             user = claims.sub
-            if not self.users.exists(user):
+            if not await offload(self.users.exists, user):
                 return self._oauth_error(401, "invalid_grant", f"user {user!r} no longer exists")
         else:
             return self._oauth_error(400, "unsupported_grant_type", f"grant_type {grant_type!r}")

@@ -3,8 +3,9 @@
 A conversion reads the source manifest, config and layers straight from the storage, runs
 the same builder as ``turbofs build`` into a temporary layout inside the storage folder,
 imports the resulting blobs (verified) and stores the turbo manifest under the target tag
-(by default the source tag plus ``convert_tag_suffix``). One conversion runs at a time, in
-a worker thread; its state and error are visible through ``GET .../_turbofs/convert/<id>``.
+(by default the source tag plus ``convert_tag_suffix``). One conversion runs at a time, all
+of it offloaded to a worker thread; its state and error are visible through
+``GET .../_turbofs/convert/<id>``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, BinaryIO, cast
 
 from index_builder.builder import build
 from index_builder.sources import image_from_manifest
+from server.offload import offload
+from server.storage import Storage
 from turbofs.core import oci
 from turbofs.core.config import BuildConfig, RegistryConfig
 from turbofs.core.errors import NotFound, SourceError, TurboError
@@ -65,7 +68,7 @@ class Job:
 class Converter:
     """Queues conversions and runs them one at a time in a thread."""
 
-    def __init__(self, storage: Any, cfg: RegistryConfig) -> None:
+    def __init__(self, storage: Storage, cfg: RegistryConfig) -> None:
         self.storage = storage
         self.cfg = cfg
         self.jobs: dict[str, Job] = {}
@@ -86,7 +89,7 @@ class Converter:
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def maybe_auto_convert(self, repo: str, reference: str, digest: str, media_type: str) -> None:
+    async def maybe_auto_convert(self, repo: str, reference: str, digest: str, media_type: str) -> None:
         """Convert a freshly pushed plain image if its repository is chosen for that."""
         if not any(fnmatch.fnmatchcase(repo, pat) for pat in self.cfg.auto_convert):
             return
@@ -94,7 +97,7 @@ class Converter:
             return
         if media_type not in (oci.OCI_MANIFEST, oci.DOCKER_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST_LIST):
             return
-        got = self.storage.get_manifest(repo, digest)
+        got = await offload(self.storage.get_manifest, repo, digest)
         if got is None or is_turbo_manifest(json.loads(got[0])):
             return
         try:
@@ -108,7 +111,7 @@ class Converter:
         async with self._lock:
             job.state = "running"
             try:
-                await asyncio.to_thread(self._convert, job)
+                await offload(self._convert, job)
                 job.state = "done"
             except TurboError as exc:
                 job.state, job.error = "failed", str(exc)

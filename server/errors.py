@@ -3,7 +3,7 @@
 ::
 
     turbofs.core.errors.TurboError
-     └── RegistryError              an error answered with the spec's JSON body
+     └── DistributionError          an error answered with the spec's JSON body
           ├── BlobUnknown            BLOB_UNKNOWN           404
           ├── BlobUploadInvalid      BLOB_UPLOAD_INVALID    400
           │    └── RangeInvalid      BLOB_UPLOAD_INVALID    416 (chunk out of order)
@@ -37,7 +37,7 @@ from aiohttp import web
 from turbofs.core.errors import TurboError
 
 
-class RegistryError(TurboError):
+class DistributionError(TurboError):
     """An error with an OCI error code and an HTTP status."""
 
     code: ClassVar[str] = "UNKNOWN"
@@ -65,12 +65,12 @@ class RegistryError(TurboError):
         return entry
 
 
-class BlobUnknown(RegistryError):
+class BlobUnknown(DistributionError):
     code = "BLOB_UNKNOWN"
     status = 404
 
 
-class BlobUploadInvalid(RegistryError):
+class BlobUploadInvalid(DistributionError):
     code = "BLOB_UPLOAD_INVALID"
     status = 400
 
@@ -81,71 +81,71 @@ class RangeInvalid(BlobUploadInvalid):
     status = 416
 
 
-class BlobUploadUnknown(RegistryError):
+class BlobUploadUnknown(DistributionError):
     code = "BLOB_UPLOAD_UNKNOWN"
     status = 404
 
 
-class DigestInvalid(RegistryError):
+class DigestInvalid(DistributionError):
     code = "DIGEST_INVALID"
     status = 400
 
 
-class ManifestBlobUnknown(RegistryError):
+class ManifestBlobUnknown(DistributionError):
     code = "MANIFEST_BLOB_UNKNOWN"
     status = 400
 
 
-class ManifestInvalid(RegistryError):
+class ManifestInvalid(DistributionError):
     code = "MANIFEST_INVALID"
     status = 400
 
 
-class ManifestUnknown(RegistryError):
+class ManifestUnknown(DistributionError):
     code = "MANIFEST_UNKNOWN"
     status = 404
 
 
-class NameInvalid(RegistryError):
+class NameInvalid(DistributionError):
     code = "NAME_INVALID"
     status = 400
 
 
-class NameUnknown(RegistryError):
+class NameUnknown(DistributionError):
     code = "NAME_UNKNOWN"
     status = 404
 
 
-class SizeInvalid(RegistryError):
+class SizeInvalid(DistributionError):
     code = "SIZE_INVALID"
     status = 400
 
 
-class Unauthorized(RegistryError):
+class Unauthorized(DistributionError):
     code = "UNAUTHORIZED"
     status = 401
 
 
-class Denied(RegistryError):
+class Denied(DistributionError):
     code = "DENIED"
     status = 403
 
 
-class Unsupported(RegistryError):
+class Unsupported(DistributionError):
     code = "UNSUPPORTED"
     status = 405
 
 
-class TooManyRequests(RegistryError):
+class TooManyRequests(DistributionError):
     code = "TOOMANYREQUESTS"
     status = 429
 
 
-def error_body(*errors: RegistryError) -> bytes:
+def error_body(*errors: DistributionError) -> bytes:
     return json.dumps({"errors": [e.to_json() for e in errors]}).encode()
 
 
-def error_response(error: RegistryError, *, head: bool = False) -> web.Response:
+def error_response(error: DistributionError, *, head: bool = False) -> web.Response:
     """The HTTP response for ``error`` (no body for HEAD requests, as HTTP wants)."""
     body = error_body(error)
     resp = web.Response(

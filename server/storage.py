@@ -29,13 +29,16 @@ stored already: a client that uploads blob after blob waits for each of those. N
 upload ids are checked against their grammar before any path is built from them, which is
 also what keeps every path inside the storage folder.
 
-Thread safety: the methods may be called from several threads at once (the app runs the
-blocking ones in worker threads). One upload session is used by one request at a time; a
-second request on a session that is busy is refused.
+Concurrency: every method blocks (file I/O, fsync, hashing) except :meth:`Storage.upload_append`,
+which reads its stream on the event loop and hands each write to ``server.offload.offload``. The
+app calls the others only through ``offload`` (stat-only lookups included: on a cold cache a
+stat reads the disk), so they run in worker threads at once: ``_lock`` guards the set of busy
+upload sessions. One upload session serves one request at a time; a second one is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -46,10 +49,10 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from server.errors import (
     BlobUnknown,
@@ -64,7 +67,8 @@ from server.errors import (
     RangeInvalid,
     SizeInvalid,
 )
-from turbofs.core.config import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_MANIFEST_SIZE, DEFAULT_UPLOAD_TTL
+from server.offload import offload
+from turbofs.core.config import REGISTRY_IO_CHUNK, RegistryConfig
 from turbofs.core.errors import FormatError
 from turbofs.core.oci import (
     DOCKER_MANIFEST,
@@ -85,12 +89,12 @@ TAG_RE: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 MAX_NAME_LENGTH: Final = 255
 _UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
+T = TypeVar("T")
+
 #: Manifest media types the registry stores (and serves back with the same type).
 MANIFEST_MEDIA_TYPES: Final = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
 _IMAGE_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 _GENERIC_CONTENT_TYPES: Final = frozenset({"", "application/json", "application/octet-stream"})
-
-_COPY_CHUNK: Final = 1 << 20
 
 
 def check_name(name: str) -> str:
@@ -131,17 +135,47 @@ def _hash_file(path: Path, algo: str) -> tuple[str, int]:
     h = hashlib.new(algo)
     size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
+        while chunk := f.read(REGISTRY_IO_CHUNK):
             h.update(chunk)
             size += len(chunk)
     return f"{algo}:{h.hexdigest()}", size
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_content(actual: str, expected: str, what: str = "content", **detail: int) -> None:
+    if actual != expected:
+        raise DigestInvalid(
+            f"{what} has digest {actual}, not {expected}",
+            detail={"expected": expected, "actual": actual, **detail},
+        )
+
+
+def _append(path: Path, pieces: list[bytes], h: Any) -> int:
+    """Append ``pieces`` to the file ``path``, then feed them to the running hash ``h`` (if
+    any), so the hash never covers bytes that are not in the file; return the bytes written."""
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    if h is not None:
+        h.update(data)
+    return len(data)
 
 
 @dataclass(frozen=True)
@@ -165,18 +199,13 @@ class PutResult:
 class Storage:
     """The storage folder of one registry (see the module docstring for the layout)."""
 
-    def __init__(
-        self,
-        root: Path,
-        *,
-        max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
-        max_manifest_size: int = DEFAULT_MAX_MANIFEST_SIZE,
-        upload_ttl: float = DEFAULT_UPLOAD_TTL,
-    ) -> None:
+    def __init__(self, root: Path, limits: RegistryConfig | None = None) -> None:
+        """``limits``: a configuration whose size limits and upload_ttl apply (the defaults if None)."""
+        limits = limits or RegistryConfig()
         self.root = Path(root)
-        self.max_blob_size = max_blob_size
-        self.max_manifest_size = max_manifest_size
-        self.upload_ttl = upload_ttl
+        self.max_blob_size = limits.max_blob_size
+        self.max_manifest_size = limits.max_manifest_size
+        self.upload_ttl = limits.upload_ttl
         for sub in ("blobs/sha256", "blobs/sha512", "repositories", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -236,10 +265,36 @@ class Storage:
     def repo_has_blob(self, repo: str, digest: str) -> bool:
         return self._layer_link(repo, digest).exists() and self._blob_file(digest).is_file()
 
+    def find_blob(self, repo: str, digest: str) -> Path | None:
+        """The file of blob ``digest`` if ``repo`` has it, else None."""
+        return self._blob_file(digest) if self.repo_has_blob(repo, digest) else None
+
     def link_blob(self, repo: str, digest: str) -> None:
         """Make blob ``digest`` (which must be stored) part of repository ``repo``."""
-        for folder in self._link_unsynced(repo, digest):
+        self.link_stored(repo, [digest], strict=True)
+
+    def mount_blob(self, repo: str, source: str, digest: str) -> bool:
+        """Link blob ``digest`` into ``repo`` if repository ``source`` has it; whether it did."""
+        if not self.repo_has_blob(source, digest):
+            return False
+        self.link_blob(repo, digest)
+        return True
+
+    def link_stored(self, repo: str, digests: Iterable[str], *, strict: bool = False) -> list[str]:
+        """Link into ``repo`` those of ``digests`` the registry stores; return the others (with
+        ``strict``, BlobUnknown for the first of them). New names cost one flush per folder."""
+        dirty: list[Path] = []
+        unknown: list[str] = []
+        for digest in dict.fromkeys(digests):
+            try:
+                dirty += self._link_unsynced(repo, digest)
+            except BlobUnknown:
+                if strict:
+                    raise
+                unknown.append(digest)
+        for folder in dict.fromkeys(dirty):
             fsync_dir(folder)
+        return unknown
 
     def _link_unsynced(self, repo: str, digest: str) -> list[Path]:
         """Create ``repo``'s link to stored blob ``digest`` if it is missing; return the
@@ -277,17 +332,8 @@ class Storage:
         dest = self._blob_file(digest)
         algo = digest.split(":", 1)[0]
         if src.stat().st_dev == dest.parent.stat().st_dev:
-            actual, _ = _hash_file(src, algo)
-            if actual != digest:
-                raise DigestInvalid(
-                    f"content has digest {actual}, expected {digest}",
-                    detail={"expected": digest, "actual": actual},
-                )
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _check_content(_hash_file(src, algo)[0], digest)
+            _fsync_file(src)
             self._publish(src, dest)
             src.unlink()
             return
@@ -297,16 +343,11 @@ class Storage:
         try:
             h = hashlib.new(algo)
             with open(src, "rb") as f:
-                while chunk := f.read(_COPY_CHUNK):
+                while chunk := f.read(REGISTRY_IO_CHUNK):
                     h.update(chunk)
                     _write_all(fd, chunk)
             os.fsync(fd)
-            actual = f"{algo}:{h.hexdigest()}"
-            if actual != digest:
-                raise DigestInvalid(
-                    f"content has digest {actual}, expected {digest}",
-                    detail={"expected": digest, "actual": actual},
-                )
+            _check_content(f"{algo}:{h.hexdigest()}", digest)
             self._publish(tmp, dest)
         finally:
             os.close(fd)
@@ -370,11 +411,8 @@ class Storage:
             )
         algo = digest_ref.split(":", 1)[0] if digest_ref else "sha256"
         digest = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
-        if digest_ref is not None and digest != digest_ref:
-            raise DigestInvalid(
-                f"manifest has digest {digest}, not {digest_ref}",
-                detail={"expected": digest_ref, "actual": digest},
-            )
+        if digest_ref is not None:
+            _check_content(digest, digest_ref, "manifest")
         try:
             obj = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -389,8 +427,7 @@ class Storage:
         links, subject = self._check_references(repo, obj, mtype)
 
         self._put_bytes(data, digest)
-        for d in [*links, digest]:
-            self.link_blob(repo, d)
+        self.link_stored(repo, [*links, digest], strict=True)
         revision = self._revision(repo, digest)
         atomic_write(revision, mtype.encode())
         if subject is not None:
@@ -459,12 +496,7 @@ class Storage:
                             detail={"digest": desc.digest, "size": desc.size, "actual": size},
                         )
                     links.append(desc.digest)
-                if missing:
-                    raise ManifestBlobUnknown(
-                        f"manifest references {len(missing)} blob(s) unknown to {repo}: "
-                        + ", ".join(missing[:5]),
-                        detail={"digests": missing},
-                    )
+                unknown = "manifest references {} blob(s)"
             else:
                 children_raw = obj.get("manifests")
                 if not isinstance(children_raw, list):
@@ -473,12 +505,12 @@ class Storage:
                     child = Descriptor.from_json(x, f"manifests[{i}]")
                     if not self._revision(repo, child.digest).exists():
                         missing.append(child.digest)
-                if missing:
-                    raise ManifestBlobUnknown(
-                        f"index references {len(missing)} manifest(s) unknown to {repo}: "
-                        + ", ".join(missing[:5]),
-                        detail={"digests": missing},
-                    )
+                unknown = "index references {} manifest(s)"
+            if missing:
+                raise ManifestBlobUnknown(
+                    f"{unknown.format(len(missing))} unknown to {repo}: " + ", ".join(missing[:5]),
+                    detail={"digests": missing},
+                )
             subject = None
             if obj.get("subject") is not None:
                 subject = Descriptor.from_json(obj["subject"], "subject").digest
@@ -507,27 +539,23 @@ class Storage:
 
     def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str] | None:
         """(bytes, media type, digest) of a manifest by tag or digest, or None."""
-        digest = self._resolve(repo, reference)
-        if digest is None:
-            return None
-        try:
-            media_type = self._revision(repo, digest).read_text().strip()
-            data = self._blob_file(digest).read_bytes()
-        except FileNotFoundError:
-            return None
-        return data, media_type, digest
+        found = self._manifest(repo, reference, lambda path: path.read_bytes())
+        return None if found is None else (found[2], found[0], found[1])
 
     def manifest_info(self, repo: str, reference: str) -> tuple[str, str, int] | None:
         """(media type, digest, size) of a manifest, without reading it."""
+        return self._manifest(repo, reference, lambda path: path.stat().st_size)
+
+    def _manifest(self, repo: str, reference: str, read: Callable[[Path], T]) -> tuple[str, str, T] | None:
+        """(media type, digest, ``read(blob file)``) of a manifest by tag or digest, or None."""
         digest = self._resolve(repo, reference)
         if digest is None:
             return None
         try:
             media_type = self._revision(repo, digest).read_text().strip()
-            size = self._blob_file(digest).stat().st_size
+            return media_type, digest, read(self._blob_file(digest))
         except FileNotFoundError:
             return None
-        return media_type, digest, size
 
     def delete_manifest(self, repo: str, reference: str) -> None:
         """Delete a tag (reference is a tag) or a manifest and every tag pointing to it."""
@@ -639,6 +667,15 @@ class Storage:
     @contextlib.contextmanager
     def _session(self, uuid: str, repo: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
         """Hold upload ``uuid`` for one operation; yield (its folder, its state)."""
+        found = self._acquire(uuid, repo)
+        try:
+            yield found
+        finally:
+            self._release(uuid)
+
+    def _acquire(self, uuid: str, repo: str | None) -> tuple[Path, dict[str, Any]]:
+        """Mark upload ``uuid`` busy (BlobUploadInvalid if it is); return (its folder, its
+        state). The caller calls :meth:`_release` when done."""
         folder = self._upload_dir(uuid)
         with self._lock:
             if uuid in self._busy:
@@ -655,10 +692,14 @@ class Storage:
                 raise BlobUploadUnknown(
                     f"upload {uuid} does not belong to {repo}", detail={"uuid": uuid}
                 )
-            yield folder, state
-        finally:
-            with self._lock:
-                self._busy.discard(uuid)
+        except BaseException:
+            self._release(uuid)
+            raise
+        return folder, state
+
+    def _release(self, uuid: str) -> None:
+        with self._lock:  # held for a set operation only, so the event loop may take it
+            self._busy.discard(uuid)
 
     def new_upload(self, repo: str) -> str:
         """Start an upload session for ``repo``; return its id."""
@@ -667,9 +708,8 @@ class Storage:
         folder = self._upload_dir(uuid)
         folder.mkdir()
         (folder / "data").touch()
-        # Nothing of a session is flushed: a crash loses it, and the client starts again (an
-        # unreadable state.json reads as an unknown upload). No request can name the session
-        # before this returns, so the file needs no temporary name either.
+        # not flushed (a crash loses the session; the client starts again), and no temporary
+        # name: no request can name the session before this returns
         (folder / "state.json").write_bytes(json.dumps({"repo": repo, "created": time.time()}).encode())
         return uuid
 
@@ -687,43 +727,40 @@ class Storage:
         if the upload stands elsewhere. ``data_stream`` is bytes or a (sync or async) iterable
         of byte chunks; every chunk received is kept, also when the stream breaks off, so a
         client can ask where the upload stands and resume. Past max_blob_size: SizeInvalid.
+        The stream is read on the event loop; the writes and the hashing are offloaded, one
+        write in flight while the next bytes arrive.
         """
-        with self._session(uuid, repo) as (folder, _state):
+        folder, _state = await offload(self._acquire, uuid, repo)
+        try:
             path = folder / "data"
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            offset = await offload(lambda: path.stat().st_size)
+            if expected_offset is not None and expected_offset != offset:
+                raise RangeInvalid(
+                    f"chunk starts at {expected_offset} but the upload is at {offset}",
+                    detail={"offset": offset, "start": expected_offset},
+                )
+            entry = self._hashes.pop(uuid, None)
+            h: Any = entry[1] if entry is not None and entry[0] == offset else None
+            if h is None and offset == 0:
+                h = hashlib.sha256()
+            writer = _Appender(path, h, offset)
             try:
-                offset = os.fstat(fd).st_size
-                if expected_offset is not None and expected_offset != offset:
-                    raise RangeInvalid(
-                        f"chunk starts at {expected_offset} but the upload is at {offset}",
-                        detail={"offset": offset, "start": expected_offset},
-                    )
-                entry = self._hashes.get(uuid)
-                h: Any = entry[1] if entry is not None and entry[0] == offset else None
-                if h is None and offset == 0:
-                    h = hashlib.sha256()
-                self._hashes.pop(uuid, None)
-                try:
-                    async for chunk in _chunks(data_stream):
-                        if offset + len(chunk) > self.max_blob_size:
-                            raise SizeInvalid(
-                                f"blob is larger than the limit of {self.max_blob_size} bytes",
-                                status=413,
-                                detail={"limit": self.max_blob_size},
-                            )
-                        _write_all(fd, chunk)
-                        offset += len(chunk)
-                        if h is not None:
-                            h.update(chunk)
-                            self._hashes[uuid] = (offset, h)
-                except BaseException:
-                    # keep what arrived; the running hash stays valid only if the file agrees
-                    if self._hashes.get(uuid, (-1,))[0] != os.fstat(fd).st_size:
-                        self._hashes.pop(uuid, None)
-                    raise
+                async for chunk in _chunks(data_stream):
+                    if offset + len(chunk) > self.max_blob_size:
+                        raise SizeInvalid(
+                            f"blob is larger than the limit of {self.max_blob_size} bytes",
+                            status=413,
+                            detail={"limit": self.max_blob_size},
+                        )
+                    await writer.add(chunk)
+                    offset += len(chunk)
             finally:
-                os.close(fd)
-            return offset
+                await writer.drain()  # what arrived is kept, also when the stream broke off
+                if h is not None and not writer.broken:
+                    self._hashes[uuid] = (writer.written, h)
+            return writer.written
+        finally:
+            self._release(uuid)
 
     def upload_status(self, uuid: str, *, repo: str | None = None) -> UploadStatus:
         with self._session(uuid, repo) as (folder, state):
@@ -746,22 +783,12 @@ class Storage:
                     actual = "sha256:" + entry[1].hexdigest()
                 else:
                     actual, size = _hash_file(data, algo)
-                if actual != digest:
-                    raise DigestInvalid(
-                        f"uploaded content has digest {actual}, not {digest}",
-                        detail={"expected": digest, "actual": actual, "size": size},
-                    )
-                # The bytes are flushed before the blob gets its name, and the new names are
-                # flushed before the client hears 201: three fsyncs for a new blob (data, blob
-                # folder, repository folder), one for a blob stored already.
+                _check_content(actual, digest, "uploaded content", size=size)
+                # bytes flushed before the blob is named, names flushed before the 201
                 dest = self._blob_file(digest)
                 dirty: list[Path] = []
                 if not dest.is_file():
-                    fd = os.open(data, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    _fsync_file(data)
                     if self._publish(data, dest, sync=False):
                         dirty.append(dest.parent)
                 dirty += self._link_unsynced(str(state["repo"]), digest)
@@ -897,6 +924,44 @@ def _make_dirs(folder: Path) -> list[Path]:
             continue
         dirty.append(d.parent)
     return dirty
+
+
+class _Appender:
+    """Appends pieces to a file off the event loop, in writes of about REGISTRY_IO_CHUNK with
+    one in flight while the next pieces arrive. After a failed write it writes nothing more."""
+
+    def __init__(self, path: Path, h: Any, offset: int) -> None:
+        self.path = path
+        self.h = h
+        self.written = offset  # the file's size as far as finished writes tell
+        self.broken = False
+        self.pieces: list[bytes] = []
+        self.buffered = 0
+        self.pending: asyncio.Future[int] | None = None
+
+    async def add(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+        self.buffered += len(piece)
+        if self.buffered >= REGISTRY_IO_CHUNK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Wait for the write in flight, then start one of what is buffered."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            try:
+                self.written += await pending
+            except BaseException:
+                self.broken = True
+                raise
+        if self.pieces and not self.broken:
+            pieces, self.pieces, self.buffered = self.pieces, [], 0
+            self.pending = asyncio.ensure_future(offload(_append, self.path, pieces, self.h))
+
+    async def drain(self) -> None:
+        """Write what is buffered and wait until every write is done."""
+        await self._flush()
+        await self._flush()
 
 
 async def _chunks(data: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterable[bytes]:

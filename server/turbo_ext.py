@@ -17,13 +17,20 @@ import asyncio
 import json
 import os
 import re
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from aiohttp import web
 
 from server.convert import Converter
+from server.offload import offload
+from server.storage import Storage
 from turbofs.core import oci
-from turbofs.core.config import RegistryConfig
+from turbofs.core.config import (
+    REGISTRY_MAX_CONVERT_BODY,
+    REGISTRY_MAX_EXT_BODY,
+    REGISTRY_MAX_MISSING_DIGESTS,
+    RegistryConfig,
+)
 from turbofs.core.errors import FormatError
 
 VERSION: Final = 1
@@ -40,7 +47,7 @@ def _error(status: int, code: str, message: str, detail: Any = None) -> web.Resp
     return web.json_response({"errors": [body]}, status=status)
 
 
-def setup(app: web.Application, storage: Any, cfg: RegistryConfig) -> None:
+def setup(app: web.Application, storage: Storage, cfg: RegistryConfig) -> None:
     """Add the extension routes (before the OCI catch-all routes of the app)."""
     converter = Converter(storage, cfg)
     app[CONVERTER_KEY] = converter
@@ -57,15 +64,15 @@ def setup(app: web.Application, storage: Any, cfg: RegistryConfig) -> None:
     app.on_cleanup.append(close_converter)
 
 
-def on_manifest_put(app: web.Application, repo: str, reference: str, digest: str, media_type: str) -> None:
+async def on_manifest_put(app: web.Application, repo: str, reference: str, digest: str, media_type: str) -> None:
     """Called by the OCI API after a manifest was stored: the automatic conversion hook."""
     converter = app.get(CONVERTER_KEY)
     if converter is not None:
-        converter.maybe_auto_convert(repo, reference, digest, media_type)
+        await converter.maybe_auto_convert(repo, reference, digest, media_type)
 
 
 class _Extensions:
-    def __init__(self, storage: Any, cfg: RegistryConfig, converter: Converter) -> None:
+    def __init__(self, storage: Storage, cfg: RegistryConfig, converter: Converter) -> None:
         self.storage = storage
         self.cfg = cfg
         self.converter = converter
@@ -80,7 +87,7 @@ class _Extensions:
             }
         )
 
-    async def _json(self, request: web.Request, limit: int = 8 << 20) -> Any:
+    async def _json(self, request: web.Request, limit: int = REGISTRY_MAX_EXT_BODY) -> Any:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         # read() returns what has arrived, not the whole body: read to the end
@@ -104,74 +111,46 @@ class _Extensions:
             ranges = _parse_ranges(body, self.cfg)
         except _Bad as exc:
             return _error(400, "BATCH_INVALID", str(exc))
-        # resolve every blob first: no byte is sent unless the whole batch can be served
-        plan: list[tuple[str, int, int]] = []
-        for digest, offset, length in ranges:
-            path = self.storage.blob_path(digest)
-            if path is None or not self.storage.repo_has_blob(name, digest):
-                return _error(404, "BLOB_UNKNOWN", f"blob {digest} is not in repository {name}", {"digest": digest})
-            size = os.path.getsize(path)
-            if offset + length > size:
-                return _error(416, "RANGE_INVALID", f"range {offset}+{length} is past the end of {digest} ({size} bytes)")
-            plan.append((str(path), offset, length))
-        total = sum(n for _, _, n in plan)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": BATCH_MEDIA_TYPE})
-        resp.content_length = total
-        await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        transport = request.transport
-        files: dict[str, Any] = {}
+        files: dict[str, BinaryIO] = {}
         try:
-            for path, offset, length in plan:
-                f = files.get(path)
-                if f is None:
-                    f = files[path] = open(path, "rb")
+            # every blob opened first: no byte is sent unless the whole batch can be served
+            plan = await offload(_open_plan, self.storage, name, ranges, files)
+            if isinstance(plan, web.Response):
+                return plan
+            resp = web.StreamResponse(status=200, headers={"Content-Type": BATCH_MEDIA_TYPE})
+            resp.content_length = sum(n for _, _, n in plan)
+            await resp.prepare(request)
+            transport = request.transport
+            for f, offset, length in plan:
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away")
-                try:
-                    await loop.sendfile(transport, f, offset, length)
-                    continue
-                except NotImplementedError:  # no zero-copy on this transport: copy
-                    pass
-                f.seek(offset)
-                left = length
-                while left:
-                    piece = f.read(min(left, 1 << 20))
-                    if not piece:
-                        raise OSError(f"{path} shrank while being served")
-                    await resp.write(piece)
-                    left -= len(piece)
+                # loop.sendfile copies through the executor where the transport has no sendfile(2)
+                await asyncio.get_running_loop().sendfile(transport, f, offset, length)
             await resp.write_eof()
+            return resp
         finally:
             for f in files.values():
-                f.close()
-        return resp
+                f.close()  # read-only files: no I/O
 
     async def missing(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
             body = await self._json(request)
             digests = body.get("digests") if isinstance(body, dict) else None
-            if not isinstance(digests, list) or len(digests) > 100_000:
-                raise _Bad("expected {\"digests\": [...]} with at most 100000 digests")
+            if not isinstance(digests, list) or len(digests) > REGISTRY_MAX_MISSING_DIGESTS:
+                raise _Bad(f'expected {{"digests": [...]}} with at most {REGISTRY_MAX_MISSING_DIGESTS} digests')
             for d in digests:
                 oci.check_digest(d)
         except (_Bad, FormatError) as exc:
             return _error(400, "DIGEST_INVALID", str(exc))
-        missing = []
-        for d in dict.fromkeys(digests):
-            if self.storage.repo_has_blob(name, d):
-                continue
-            if self.storage.blob_path(d) is not None:
-                self.storage.link_blob(name, d)  # stored already: the push needs no upload
-                continue
-            missing.append(d)
+        # blobs stored already are linked: the push needs no upload for them
+        missing = await offload(self.storage.link_stored, name, digests)
         return web.json_response({"missing": missing})
 
     async def convert(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
-            body = await self._json(request, 64 << 10)
+            body = await self._json(request, REGISTRY_MAX_CONVERT_BODY)
             if not isinstance(body, dict) or not isinstance(body.get("reference"), str):
                 raise _Bad('expected {"reference": TAG_OR_DIGEST, "tag": TARGET_TAG}')
             reference = body["reference"]
@@ -195,6 +174,26 @@ class _Extensions:
 
 class _Bad(Exception):
     pass
+
+
+def _open_plan(
+    storage: Storage, name: str, ranges: list[tuple[str, int, int]], files: dict[str, BinaryIO]
+) -> list[tuple[BinaryIO, int, int]] | web.Response:
+    """Open the blobs of a batch (into ``files``, which the caller closes) and check each range;
+    (file, offset, length) per range, or the error response."""
+    plan: list[tuple[BinaryIO, int, int]] = []
+    for digest, offset, length in ranges:
+        f = files.get(digest)
+        if f is None:
+            path = storage.find_blob(name, digest)
+            if path is None:
+                return _error(404, "BLOB_UNKNOWN", f"blob {digest} is not in repository {name}", {"digest": digest})
+            f = files[digest] = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        if offset + length > size:
+            return _error(416, "RANGE_INVALID", f"range {offset}+{length} is past the end of {digest} ({size} bytes)")
+        plan.append((f, offset, length))
+    return plan
 
 
 def _parse_ranges(body: Any, cfg: RegistryConfig) -> list[tuple[str, int, int]]:

@@ -40,14 +40,24 @@ from turbofs.core import format as fmt
 from turbofs.core.config import BuildConfig
 from turbofs.core.errors import FormatError, TurboError
 from turbofs.core.image import LayoutImage, open_layout_image
-from turbofs.erofs import ErofsCorrupt, ErofsImage, ErofsUnsupported, build_erofs, check_erofs
+from turbofs.erofs import (
+    ErofsCorrupt,
+    ErofsImage,
+    ErofsUnsupported,
+    build_erofs,
+    check_erofs,
+    prepare_image,
+)
 from turbofs.erofs import ondisk as d
-from turbofs.mount import erofsfs
+from turbofs.erofs import prepare as erofs_prepare
+from turbofs.mount import kernel
+from turbofs.mount.erofsfile import IMAGE_INO
+from turbofs.mount.pagecache import PageCacheStore
 
 CS = 64 * 1024
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
-needs_erofs = pytest.mark.skipif(not erofsfs.kernel_has_erofs(), reason="this kernel has no erofs")
+needs_erofs = pytest.mark.skipif(not kernel.kernel_has_erofs(), reason="this kernel has no erofs")
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
 needs_erofs_utils = pytest.mark.skipif(shutil.which("fsck.erofs") is None or shutil.which("dump.erofs") is None,
                                        reason="erofs-utils is not installed")
@@ -96,11 +106,11 @@ def _shm_dir() -> Path:
 @contextlib.contextmanager
 def kernel_mount(image_file: Path, mp: Path) -> Iterator[str]:
     mp.mkdir(parents=True, exist_ok=True)
-    how = erofsfs.mount_erofs(image_file, mp)
+    how = kernel.mount_erofs(image_file, mp)
     try:
         yield how
     finally:
-        erofsfs.umount(mp)
+        kernel.umount(mp)
 
 
 # -- the writer and its checks (no root) ------------------------------------------------
@@ -334,24 +344,24 @@ def test_metadata_cache(kitchen: LayoutImage, tmp_path: Path) -> None:
 
     idx = kitchen.index
     fresh = build_erofs(idx)
-    first = erofsfs.prepare(idx, cache_dir=tmp_path)
+    first = prepare_image(idx, cache_dir=tmp_path)
     assert first.stats["meta_cache_hit"] == 0 and first.meta == fresh.meta
     path = meta_cache.cache_path(tmp_path, idx.payload_sha256())
     assert path.is_file() and not list(path.parent.glob(".tmp.*"))
-    second = erofsfs.prepare(idx, cache_dir=tmp_path)
+    second = prepare_image(idx, cache_dir=tmp_path)
     assert second.stats["meta_cache_hit"] == 1 and second.stats["build_ms"] == 0
     assert (second.meta, second.nids, second.chunk_owner, second.chunk_blocks, second.total_blocks) == (
         fresh.meta, fresh.nids, fresh.chunk_owner, fresh.chunk_blocks, fresh.total_blocks)
     # torn: the sha256 says so
     raw = path.read_bytes()
     path.write_bytes(raw[:-100])
-    assert erofsfs.prepare(idx, cache_dir=tmp_path).stats["meta_cache_hit"] == 0
+    assert prepare_image(idx, cache_dir=tmp_path).stats["meta_cache_hit"] == 0
     assert path.read_bytes() == raw  # stored again
     # consistent bytes that say something else (a uid): the checks refuse it, it is rebuilt
     meta = bytearray(fresh.meta)
     meta[fresh.nids[1] * d.SLOT + 24] ^= 1
     path.write_bytes(meta_cache.encode(dataclasses.replace(fresh, meta=bytes(meta)), idx.payload_sha256()))
-    again = erofsfs.prepare(idx, cache_dir=tmp_path)
+    again = prepare_image(idx, cache_dir=tmp_path)
     assert again.stats["meta_cache_hit"] == 0 and again.meta == fresh.meta
     assert path.read_bytes() == raw
     # another index's file, another writer version: misses
@@ -451,7 +461,7 @@ def test_o_direct_works_on_loop_backed_erofs_only(
     """Linux 6.18's file-backed erofs has no direct I/O: open(O_DIRECT) fails with EINVAL
     (the flag is checked at open, whatever the ``directio`` mount option says). On a block
     device (the loop fallback) erofs reads O_DIRECT through the block layer. Documented in
-    turbofs/mount/erofsfs.py; a user who needs O_DIRECT mounts with ``--mode fuse``."""
+    turbofs/mount/erofsmount.py; a user who needs O_DIRECT mounts with ``--mode fuse``."""
     image = build_erofs(kitchen.index)
     image_file = tmp_path / "kitchen.erofs"  # on a disk file system: file-backed works
     with open(image_file, "wb") as f:
@@ -467,7 +477,7 @@ def test_o_direct_works_on_loop_backed_erofs_only(
                 _o_direct_read(tmp_path / "mnt" / "lib" / "libz.so.1", len(want))
             assert exc.value.errno == errno.EINVAL
             assert (tmp_path / "mnt" / "lib" / "libz.so.1").read_bytes() == want  # buffered reads work
-    monkeypatch.setattr(erofsfs, "TRY_FILE_BACKED", False)
+    monkeypatch.setattr(kernel, "TRY_FILE_BACKED", False)
     with kernel_mount(image_file, tmp_path / "mnt") as how:
         assert how == "loop"
         assert _o_direct_read(tmp_path / "mnt" / "lib" / "libz.so.1", len(want)) == want
@@ -541,7 +551,7 @@ def _requests(status: dict[str, Any]) -> int:
 @needs_erofs
 def test_erofs_mount_is_faithful(mounter: Mounter, kitchen: LayoutImage) -> None:
     mp = mounter.mount(f"oci:{kitchen.root}", "mnt", "--mode", "erofs")
-    entry = erofsfs.mount_entry(mp)
+    entry = kernel.mount_entry(mp)
     assert entry is not None and entry[0] == "erofs"
     status = mounter.status(mp)
     assert status["mode"] == "erofs" and status["erofs"]["backing"] == "file"
@@ -602,16 +612,16 @@ def test_loop_device_fallback(kitchen: LayoutImage, tmp_path: Path) -> None:
     still ends with the mount (the loop device is released with it)."""
     mp = tmp_path / "mnt"
     mp.mkdir()
-    code = ("import sys; from turbofs.mount import erofsfs; erofsfs.TRY_FILE_BACKED = False; "
+    code = ("import sys; from turbofs.mount import kernel; kernel.TRY_FILE_BACKED = False; "
             "from turbofs.cli import main; sys.exit(main(sys.argv[1:]))")
     with foreground_mount([sys.executable, "-c", code, "mount", f"oci:{kitchen.root}", str(mp), "--foreground",
                            "--mode", "erofs", "--run-dir", str(tmp_path / "run"), "--cache-dir",
                            str(tmp_path / "cache")]) as proc:
-        entry = erofsfs.mount_entry(mp)
+        entry = kernel.mount_entry(mp)
         assert entry is not None and entry[0] == "erofs" and entry[1].startswith(b"/dev/loop"), entry
         assert diff_snapshots(snapshot_index(kitchen), snapshot_tree(mp)) == []
         loop = entry[1].decode()
-        erofsfs.umount(mp)
+        kernel.umount(mp)
         proc.wait(15)
     assert proc.returncode == 0
     assert _erofs_mounts_under(tmp_path) == []
@@ -654,7 +664,7 @@ def test_daemon_refuses_metadata_that_fails_its_checks(
         meta[image.nids[1] * d.SLOT + 24] ^= 1  # the first child's uid
         return dataclasses.replace(image, meta=bytes(meta))
 
-    monkeypatch.setattr(erofsfs, "build_erofs", corrupted)
+    monkeypatch.setattr(erofs_prepare, "build_erofs", corrupted)
     mp = tmp_path / "mnt"
     mp.mkdir()
     cfg = DaemonConfig(cache_dir=tmp_path / "cache", prefetch=False, mode="erofs").validate()
@@ -678,7 +688,7 @@ def test_failed_kernel_mount_is_a_clear_error(
     def refused(*args: Any, **kwargs: Any) -> str:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(erofsfs, "mount_erofs", refused)
+    monkeypatch.setattr(kernel, "mount_erofs", refused)
     mp = tmp_path / "mnt"
     mp.mkdir()
     cfg = DaemonConfig(cache_dir=tmp_path / "cache", prefetch=False, mode="erofs").validate()
@@ -756,7 +766,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> LayoutImage:
 
 
 def test_startup_chunks_reach_the_hook_once_with_their_bytes(traced: LayoutImage, tmp_path: Path) -> None:
-    """The reader calls ``on_startup_chunk`` for each chunk of the startup phase (verified
+    """The reader calls its startup-chunk subscribers for each chunk of the startup phase (verified
     bytes), never for the background phase's chunks; the store pushes each at its blocks."""
     import trio
 
@@ -771,7 +781,7 @@ def test_startup_chunks_reach_the_hook_once_with_their_bytes(traced: LayoutImage
     assert startup and len(startup) < index.n_chunks
     image = build_erofs(index)
     pushed: list[tuple[int, int, bytes]] = []
-    store = erofsfs.PageCacheStore(image, notify=lambda ino, off, data: pushed.append((ino, off, bytes(data))))
+    store = PageCacheStore(image, IMAGE_INO, notify=lambda ino, off, data: pushed.append((ino, off, bytes(data))))
     store.put(index.chunk(startup[0]), b"early")  # before the FUSE file is live: not pushed
     store.go_live()
     seen: list[tuple[int, bytes]] = []
@@ -785,7 +795,7 @@ def test_startup_chunks_reach_the_hook_once_with_their_bytes(traced: LayoutImage
         cfg = _cfg(tmp_path / "cache")
         try:
             async with ChunkReader(opened.index, opened.source, ChunkCache.from_config(cfg), cfg) as reader:
-                reader.on_startup_chunk = hook
+                reader.subscribe_startup_chunks(hook)
                 await Prefetcher(reader).run()
         finally:
             await opened.source.aclose()
@@ -801,7 +811,7 @@ def test_startup_chunks_reach_the_hook_once_with_their_bytes(traced: LayoutImage
     store.stop()
     assert image.stats["stored_chunks"] == len(startup) == len(pushed)
     for (ino, off, data), (cid, chunk_data) in zip(pushed, seen, strict=True):
-        assert ino == erofsfs.IMAGE_INO
+        assert ino == IMAGE_INO
         assert off == image.chunk_blocks[cid] * d.BLOCK_SIZE and len(data) % d.BLOCK_SIZE == 0
         want = b"".join(e.data if e.data is not None else
                         (chunk_data[e.chunk_offset : e.chunk_offset + e.length] if e.chunk else bytes(e.length))

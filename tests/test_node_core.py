@@ -29,10 +29,11 @@ from index_builder.builder import build
 from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from turbofs.core import format as fmt
 from turbofs.core import oci
+from turbofs.core.codec import VerifiedChunk, decode_frame
 from turbofs.core.config import DaemonConfig
 from turbofs.core.errors import DigestMismatch
 from turbofs.core.registry import BATCH_MEDIA_TYPE, RegistryClient
-from turbofs.node.cache import ChunkCache, DiskCache, RamCache, VerifiedChunk, decode_frame
+from turbofs.node.cache import ChunkCache, DiskCache, RamCache
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
 from turbofs.node.prefetch import Prefetcher, PrefetchState, TokenBucket

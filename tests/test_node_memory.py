@@ -1,4 +1,4 @@
-"""The daemon's memory (issue #4): through a full prefetch of an image of a few hundred MB
+"""The daemon's memory: through a full prefetch of an image of a few hundred MB
 and whole-image reads, its peak RSS stays within the RAM bound plus a fixed overhead, and
 reading the image again does not make it grow.
 
@@ -44,8 +44,6 @@ RAM_BOUND = 16 * MiB
 #:   twice over (frame and chunk), 8 MiB;
 #: * allocator slack: glibc's arenas keep free space of their own (two arenas, see
 #:   turbofs/node/memory.py) and Python's small-object pools, ~14 MiB.
-#: The leak this guards against grew by the size of every chunk read (a full read of this
-#: image added ~300 MB); the fragmentation, by hundreds of MB over a 6 GB image.
 IN_FLIGHT = DEFAULT_PREFETCH_PARALLEL * DEFAULT_PREFETCH_BATCH_BYTES * 26 // 10 + 2 * DEFAULT_DEMAND_PARALLEL * DEFAULT_CHUNK_SIZE
 OVERHEAD = IN_FLIGHT + 14 * MiB
 #: A second full read of the image may add this much to the peak at most (no leak).

@@ -791,7 +791,7 @@ def test_in_process_server(tmp_path: Path) -> None:
 
 
 def test_storage_import_and_gc(tmp_path: Path) -> None:
-    st = Storage(tmp_path / "s", upload_ttl=3600)
+    st = Storage(tmp_path / "s", RegistryConfig(upload_ttl=3600))
     src = tmp_path / "blob"
     src.write_bytes(b"imported")
     with pytest.raises(DigestInvalid):

@@ -3,6 +3,9 @@ against a real turbofs registry and Debian's docker-registry started by the fixt
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import email.utils
 import json
 import subprocess
 import sys
@@ -19,9 +22,12 @@ from index_builder.builder import build
 from tests.imagecheck import snapshot_index
 from tests.ocifixtures import TarEntry, diff_snapshots, pseudo_random, write_oci_layout
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
+from turbofs.core import oci
+from turbofs.core.codec import decode_frame
 from turbofs.core.config import BuildConfig
-from turbofs.core.image import decompress_chunk, load_index, open_layout_image, parse_manifest
-from turbofs.core.registry import RegistryClient
+from turbofs.core.errors import FormatError, NotFound
+from turbofs.core.image import load_index, open_layout_image, parse_manifest
+from turbofs.core.registry import RegistryClient, RegistryError, retry_after
 from turbofs.push import push
 
 CS = 64 * 1024
@@ -109,7 +115,7 @@ def test_batch_fetch_serves_exact_chunks(turbofs_registry_factory: Callable[...,
     assert len(body) == sum(c.clen for c in chunks[:50])
     pos = 0
     for c in chunks[:50]:
-        assert decompress_chunk(c, body[pos : pos + c.clen])  # verified against the chunk digest
+        assert decode_frame(c, body[pos : pos + c.clen]).data  # verified against the chunk digest
         pos += c.clen
     url = f"{reg.url}/v2/batch/img/_turbofs/batch"
     first = ranges[0]
@@ -147,7 +153,7 @@ def test_client_reads_a_turbo_image_from_any_registry(
         frames = await client.get_ranges(
             "any/turbo", [(index.blob(c.blob).oci_digest, c.offset, c.clen) for c in chunks]
         )
-        plain = {c.id: decompress_chunk(c, f) for c, f in zip(chunks, frames, strict=True)}
+        plain = {c.id: decode_frame(c, f).data for c, f in zip(chunks, frames, strict=True)}
         files = {}
         for path, ino in index.walk():
             if index.inode(ino).is_reg:
@@ -239,3 +245,100 @@ def test_server_side_conversion(turbofs_registry_factory: Callable[..., TurbofsR
     skopeo_copy(f"oci:{src}:latest", f"docker://{reg.host_port}/manual/app:v7", "--preserve-digests")
     time.sleep(1)
     assert httpx.get(f"{reg.url}/v2/manual/app/tags/list").json()["tags"] == ["v7"]
+
+
+# -- the client's retry helper and resolver, against an in-process transport ----------------
+
+
+def _mock_client(handler: Callable[[httpx.Request], httpx.Response], **options: Any) -> RegistryClient:
+    return RegistryClient("registry.test", scheme="http", transport=httpx.MockTransport(handler), **options)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_client_waits_out_retry_after(backend: str) -> None:
+    """A 429 or 503 with ``Retry-After`` is retried no sooner than it asks, under trio and asyncio."""
+    seen: list[float] = []
+    when = email.utils.format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2), usegmt=True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return httpx.Response(429, headers={"Retry-After": "1"})
+        if len(seen) == 2:
+            return httpx.Response(503, headers={"Retry-After": when})
+        return httpx.Response(200, json={"tags": ["v1"]})
+
+    async def main() -> list[str]:
+        async with _mock_client(handler, backoff=0.01) as client:
+            return await client.tags("a/b")
+
+    assert anyio.run(main, backend=backend) == ["v1"]
+    assert len(seen) == 3 and seen[1] - seen[0] >= 0.95 and seen[2] - seen[0] >= 1.0
+
+
+def test_client_retry_limits() -> None:
+    """A Retry-After past ``retry_after_max`` ends the retries; answers not worth repeating
+    are never repeated; others are, ``retries`` times."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if "slow" in request.url.path:
+            return httpx.Response(503, headers={"Retry-After": "3600"})
+        if "gone" in request.url.path:
+            return httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN", "message": "no"}]})
+        return httpx.Response(500)
+
+    async def main() -> None:
+        async with _mock_client(handler, retries=2, backoff=0.001, retry_after_max=10) as client:
+            for repo, status in (("slow/x", 503), ("gone/x", 404), ("broken/x", 500)):
+                with pytest.raises(RegistryError) as info:
+                    await client.tags(repo)
+                assert info.value.status == status
+
+    anyio.run(main, backend="trio")
+    assert calls == ["/v2/slow/x/tags/list", "/v2/gone/x/tags/list"] + ["/v2/broken/x/tags/list"] * 3
+    assert retry_after(httpx.Response(500, headers={"Retry-After": "5"})) is None
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
+
+
+def test_client_resolves_index_manifest_and_config() -> None:
+    """An image index is followed to the platform's manifest; its config is checked (digest,
+    size) and parsed, diff IDs included."""
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": oci.sha256_digest(config), "size": len(config)},
+        "layers": [],
+    }).encode()
+    other = manifest.replace(b'"layers"', b'"annotations": {}, "layers"')
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [
+        {"mediaType": oci.OCI_MANIFEST, "digest": oci.sha256_digest(other), "size": len(other),
+         "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": oci.OCI_MANIFEST, "digest": oci.sha256_digest(manifest), "size": len(manifest),
+         "platform": {"os": "linux", "architecture": "riscv64"}},
+    ]}).encode()
+    docs = {oci.sha256_digest(d): d for d in (manifest, other)}
+    blobs = {oci.sha256_digest(config): config}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if "/manifests/" in request.url.path:
+            body = index if name == "v1" else docs[name]
+            kind = oci.OCI_INDEX if name == "v1" else oci.OCI_MANIFEST
+            return httpx.Response(200, content=body, headers={"Content-Type": kind})
+        return httpx.Response(200, content=blobs[name])
+
+    async def main() -> None:
+        async with _mock_client(handler) as client:
+            found = await client.get_image_manifest("a/b", "v1", "linux/riscv64")
+            assert found.digest == oci.sha256_digest(manifest) and found.media_type == oci.OCI_MANIFEST
+            got = await client.get_config("a/b", found)
+            assert got.raw == config and got.diff_ids == ("sha256:" + "1" * 64,)
+            with pytest.raises(NotFound, match="no manifest for platform"):
+                await client.get_image_manifest("a/b", "v1", "windows/amd64")
+            wrong_size = {**found.obj["config"], "size": len(config) + 1}
+            with pytest.raises(FormatError, match="descriptor says"):
+                await client.get_config("a/b", dataclasses.replace(found, obj={**found.obj, "config": wrong_size}))
+
+    anyio.run(main, backend="trio")

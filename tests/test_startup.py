@@ -19,11 +19,11 @@ from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from tests.test_node_core import FakeRegistry, Image, _cfg, registry_reader
 from turbofs.core import format as fmt
 from turbofs.core import trace
-from turbofs.core.config import BuildConfig
+from turbofs.core.config import PREFETCH_BATCH_EXPANSION, BuildConfig
 from turbofs.core.errors import UsageError
 from turbofs.core.image import open_layout_image
 from turbofs.node.cache import ChunkCache
-from turbofs.node.prefetch import BATCH_EXPANSION, Prefetcher, PrefetchState
+from turbofs.node.prefetch import Prefetcher, PrefetchState
 from turbofs.node.reader import ChunkReader
 from turbofs.node.source import open_image
 
@@ -275,7 +275,7 @@ def test_prefetch_batches_are_bounded_uncompressed_too(tmp_path: Path) -> None:
                 assert [c for b in batches for c in b] == chunks
                 for b in batches:
                     assert len(b) == 1 or (sum(c.clen for c in b) <= 4096
-                                           and sum(c.ulen for c in b) <= 4096 * BATCH_EXPANSION)
+                                           and sum(c.ulen for c in b) <= 4096 * PREFETCH_BATCH_EXPANSION)
                 assert len(batches) > 1
         finally:
             await opened.source.aclose()

@@ -87,6 +87,20 @@ def test_pax_values_stay_bytes_and_globals_apply() -> None:
     assert entry.mtime_ns == 1_700_000_000_123_456_789
 
 
+def test_an_empty_pax_value_deletes_the_record_but_is_an_own_xattr() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"SCHILY.xattr.user.g": "global", "comment": "global"}) as tf:
+        info = tarfile.TarInfo("a" * 120)  # the name goes into a pax "path" record
+        info.pax_headers = {"SCHILY.xattr.user.g": "", "SCHILY.xattr.user.own": "", "comment": ""}
+        tf.addfile(info, io.BytesIO(b""))
+    pieces = iter([buf.getvalue()])
+    (entry,) = list(TarReader(lambda: next(pieces, b"")))
+    assert entry.name == b"a" * 120
+    assert b"SCHILY.xattr.user.g" not in entry.pax and b"comment" not in entry.pax  # globals deleted
+    assert entry.pax[b"SCHILY.xattr.user.own"] == b""
+
+
 def test_base256_numbers_and_old_directories() -> None:
     block = bytearray(512)
     block[0:4] = b"dir/"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
     return value
+
+
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named flags, as overrides for a ``*_config`` loader (None: not given)."""
+    return {name: getattr(args, name) for name in names}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,26 +132,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="erofs: the kernel mounts erofs metadata built from the index; fuse: every "
                    "file through FUSE (default auto: erofs where the kernel has it)")
 
-    um = sub.add_parser("umount", help="unmount a turbofs mount and stop its daemon")
-    um.add_argument("mountpoint", type=Path)
-    um.add_argument("--run-dir", type=Path)
+    def mount_target(q: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        q.add_argument("mountpoint", type=Path)
+        q.add_argument("--run-dir", type=Path, help="state folder of mounts (default /run/turbofs/mounts)")
+        return q
 
-    st = sub.add_parser("status", help="the state of a turbofs mount: prefetch progress, caches, errors")
-    st.add_argument("mountpoint", type=Path)
+    mount_target(sub.add_parser("umount", help="unmount a turbofs mount and stop its daemon"))
+    st = mount_target(sub.add_parser("status", help="the state of a turbofs mount: prefetch progress, caches, errors"))
     st.add_argument("--metrics", action="store_true", help="Prometheus text instead of JSON")
-    st.add_argument("--run-dir", type=Path)
 
-    tr = sub.add_parser(
+    tr = mount_target(sub.add_parser(
         "trace",
         help="write what a mount has read so far as a startup trace (for build --startup-trace)",
         description="Ask the daemon of MOUNTPOINT which chunks reads have used since it mounted, in "
         "first-use order, and write them as a startup trace (JSON). Mount the image, start its process "
         "once, then `turbofs trace`: `turbofs build --startup-trace FILE` stores the trace in the index "
         "so that every cold start fetches those chunks first.",
-    )
-    tr.add_argument("mountpoint", type=Path)
+    ))
     tr.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
-    tr.add_argument("--run-dir", type=Path)
 
     sn = sub.add_parser(
         "snapshotter",
@@ -200,16 +203,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     from turbofs.core.config import daemon_config
     from turbofs.mount import ctl as mountctl
 
-    cfg = daemon_config(
-        args.config,
-        cache_dir=args.cache_dir,
-        disk_cache_bytes=args.disk_cache_bytes,
-        ram_cache_bytes=args.ram_cache_bytes,
-        prefetch=args.prefetch,
-        prefetch_bandwidth=args.prefetch_bandwidth,
-        read_timeout=args.read_timeout,
-        mode=args.mode,
-    )
+    cfg = daemon_config(args.config, **_flags(args, "cache_dir", "disk_cache_bytes", "ram_cache_bytes", "prefetch",
+                                              "prefetch_bandwidth", "read_timeout", "mode"))
     if not args.mountpoint.is_dir() and not mountctl.is_stale_mount(str(args.mountpoint)):
         raise UsageError(f"{args.mountpoint}: mountpoint is not a directory")
     req = mountctl.MountRequest(
@@ -313,7 +308,7 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from turbofs.push import push
 
-    cfg = build_config(args.config, chunk_size=args.chunk_size, zstd_level=args.zstd_level)
+    cfg = build_config(args.config, **_flags(args, "chunk_size", "zstd_level"))
     result = push(
         args.source,
         args.target,
@@ -339,16 +334,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
     from turbofs.core.config import registry_config
 
-    cfg = registry_config(
-        args.config,
-        host=args.host,
-        port=args.port,
-        storage=args.storage,
-        users_file=args.users_file,
-        push_auth=args.push_auth,
-        pull_auth=args.pull_auth,
-        auto_convert=args.auto_convert,
-    )
+    cfg = registry_config(args.config, **_flags(args, "host", "port", "storage", "users_file", "push_auth", "pull_auth",
+                                                "auto_convert"))
     serve(cfg)
     return 0
 
@@ -356,17 +343,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from index_builder.builder import build
 
-    cfg = build_config(
-        args.config,
-        tag=args.tag,
-        chunk_size=args.chunk_size,
-        zstd_level=args.zstd_level,
-        platform=args.platform,
-        workers=args.workers,
-        max_layer_size=args.max_layer_size,
-        max_image_size=args.max_image_size,
-        max_entries=args.max_entries,
-    )
+    cfg = build_config(args.config, **_flags(args, "tag", "chunk_size", "zstd_level", "platform", "workers",
+                                             "max_layer_size", "max_image_size", "max_entries"))
     trace = None
     if args.startup_trace is not None:
         from turbofs.core.trace import load
@@ -381,39 +359,24 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "build": _cmd_build, "serve": _cmd_serve, "passwd": _cmd_passwd, "push": _cmd_push, "mount": _cmd_mount,
+    "umount": _cmd_umount, "status": _cmd_status, "trace": _cmd_trace, "snapshotter": _cmd_snapshotter,
+    "pull": _cmd_pull, "run": _cmd_run,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:
-        if args.command == "build":
-            return _cmd_build(args)
-        if args.command == "serve":
-            return _cmd_serve(args)
-        if args.command == "passwd":
-            return _cmd_passwd(args)
-        if args.command == "push":
-            return _cmd_push(args)
-        if args.command == "mount":
-            return _cmd_mount(args)
-        if args.command == "umount":
-            return _cmd_umount(args)
-        if args.command == "status":
-            return _cmd_status(args)
-        if args.command == "trace":
-            return _cmd_trace(args)
-        if args.command == "snapshotter":
-            return _cmd_snapshotter(args)
-        if args.command == "pull":
-            return _cmd_pull(args)
-        if args.command == "run":
-            return _cmd_run(args)
+        return _COMMANDS[args.command](args)
     except TurboError as exc:
         print(f"turbofs: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("turbofs: interrupted", file=sys.stderr)
         return 130
-    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":

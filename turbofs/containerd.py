@@ -48,6 +48,12 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
+from turbofs.core.config import (
+    CONTAINERD_LEASE_TTL,
+    CONTAINERD_RETRY_FOR,
+    CONTAINERD_TIMEOUT,
+    CONTAINERD_WRITE_PIECE,
+)
 from turbofs.core.errors import NotFound, TurboError, UsageError
 from turbofs.core.registry import Reference
 from turbofs.proto import (
@@ -72,10 +78,6 @@ from turbofs.snapshotter.remote import TurboImage, fetch_image
 DEFAULT_ADDRESS: Final = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE: Final = "default"
 DEFAULT_SNAPSHOTTER: Final = "turbofs"
-#: containerd's connection to a proxy snapshotter backs off after the snapshotter (re)starts.
-RETRY_FOR: Final = 20.0
-WRITE_PIECE: Final = 1 << 20
-LEASE_TTL: Final = datetime.timedelta(hours=1)
 
 R = TypeVar("R", bound=Message)
 
@@ -124,7 +126,7 @@ def _retryable(exc: grpc.RpcError) -> bool:
 class Containerd:
     """A connection to containerd's gRPC socket, in one namespace."""
 
-    def __init__(self, target: Target, *, timeout: float = 120.0) -> None:
+    def __init__(self, target: Target, *, timeout: float = CONTAINERD_TIMEOUT) -> None:
         path = target.address.removeprefix("unix://").removeprefix("unix:")
         if not os.path.exists(path):
             raise ContainerdError(f"containerd is not listening on {path} (set --address or CONTAINERD_ADDRESS)")
@@ -151,7 +153,7 @@ class Containerd:
     def call(self, service: str, method: str, request: Message, reply: type[R], *, retry: bool = False) -> R:
         """One unary call; UNAVAILABLE is retried for a while when ``retry``."""
         fn = unary(self.channel, service, method, reply)
-        deadline = time.monotonic() + RETRY_FOR
+        deadline = time.monotonic() + CONTAINERD_RETRY_FOR
         delay = 0.1
         while True:
             try:
@@ -163,12 +165,22 @@ class Containerd:
                     continue
                 raise ContainerdError(f"containerd {method}: {_details(exc)}", _code(exc)) from None
 
+    def lookup(self, service: str, method: str, request: Message, reply: type[R], *, retry: bool = False) -> R | None:
+        """Like :meth:`call`, but None where containerd answers NOT_FOUND."""
+        try:
+            return self.call(service, method, request, reply, retry=retry)
+        except ContainerdError as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
     # -- leases ------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[str]:
         """A lease that protects what is written under it; deleted on exit."""
-        expire = (datetime.datetime.now(datetime.UTC) + LEASE_TTL).strftime("%Y-%m-%dT%H:%M:%SZ")
+        expire = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=CONTAINERD_LEASE_TTL)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
         lease_id = f"turbofs-pull-{secrets.token_hex(6)}"
         self.call(LEASES, "Create", leases_pb2.CreateRequest(id=lease_id, labels={"containerd.io/gc.expire": expire}),
                   leases_pb2.CreateResponse, retry=True)
@@ -183,22 +195,18 @@ class Containerd:
     # -- content -----------------------------------------------------------------------
 
     def content_info(self, digest: str) -> content_pb2.Info | None:
-        try:
-            return self.call(CONTENT, "Info", content_pb2.InfoRequest(digest=digest), content_pb2.InfoResponse).info
-        except ContainerdError as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        found = self.lookup(CONTENT, "Info", content_pb2.InfoRequest(digest=digest), content_pb2.InfoResponse)
+        return found.info if found is not None else None
 
     def put_content(self, digest: str, data: bytes, labels: dict[str, str]) -> None:
         """Write a blob into the content store (or only set its labels if it is there)."""
         if self.content_info(digest) is None:
             ref = f"turbofs-{digest}"
             reqs: list[content_pb2.WriteContentRequest] = []
-            for off in range(0, max(len(data), 1), WRITE_PIECE):
+            for off in range(0, max(len(data), 1), CONTAINERD_WRITE_PIECE):
                 reqs.append(content_pb2.WriteContentRequest(
                     action=content_pb2.WRITE, ref=ref, total=len(data), expected=digest, offset=off,
-                    data=data[off : off + WRITE_PIECE]))
+                    data=data[off : off + CONTAINERD_WRITE_PIECE]))
             reqs.append(content_pb2.WriteContentRequest(
                 action=content_pb2.COMMIT, ref=ref, total=len(data), expected=digest, offset=len(data), labels=labels))
             write = _stream_stream(self.channel, CONTENT, "Write", content_pb2.WriteContentResponse)
@@ -226,23 +234,15 @@ class Containerd:
             self.call(IMAGES, "Update", images_pb2.UpdateImageRequest(image=image), images_pb2.UpdateImageResponse)
 
     def image(self, name: str) -> images_pb2.Image | None:
-        try:
-            return self.call(IMAGES, "Get", images_pb2.GetImageRequest(name=name), images_pb2.GetImageResponse).image
-        except ContainerdError as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        found = self.lookup(IMAGES, "Get", images_pb2.GetImageRequest(name=name), images_pb2.GetImageResponse)
+        return found.image if found is not None else None
 
     # -- snapshots ---------------------------------------------------------------------
 
     def snapshot(self, key: str) -> snapshots_pb2.Info | None:
-        try:
-            return self.call(SNAPSHOTS, "Stat", snapshots_pb2.StatSnapshotRequest(snapshotter=self.target.snapshotter, key=key),
-                             snapshots_pb2.StatSnapshotResponse, retry=True).info
-        except ContainerdError as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        found = self.lookup(SNAPSHOTS, "Stat", snapshots_pb2.StatSnapshotRequest(snapshotter=self.target.snapshotter, key=key),
+                            snapshots_pb2.StatSnapshotResponse, retry=True)
+        return found.info if found is not None else None
 
     def prepare_remote(self, chain_id: str, parent: str, labels: dict[str, str]) -> None:
         """Prepare the snapshot of ``chain_id``; the snapshotter must answer ALREADY_EXISTS."""

@@ -17,19 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import httpx
+import trio
 from tqdm import tqdm
 
 from index_builder.builder import build
 from turbofs.core import oci
-from turbofs.core.config import BuildConfig
+from turbofs.core.config import PUSH_PARALLEL, BuildConfig
 from turbofs.core.errors import FormatError, NotFound
 from turbofs.core.image import LayoutImage, open_layout_image
 from turbofs.core.oci import split_path_ref
 from turbofs.core.registry import Reference, RegistryClient
-
-DEFAULT_PARALLEL = 4
 
 
 @dataclass
@@ -76,7 +74,7 @@ async def push_image(
     target: Reference,
     *,
     client: RegistryClient,
-    parallel: int = DEFAULT_PARALLEL,
+    parallel: int = PUSH_PARALLEL,
     progress: bool = False,
 ) -> tuple[str, int, int, int, int]:
     """Upload what the registry lacks, then the manifest. Returns (digest, blobs, sent, bytes, sent bytes)."""
@@ -87,16 +85,16 @@ async def push_image(
     missing = await client.missing_blobs(repo, list(sizes))
     to_send = sum(sizes[d] for d in missing)
     bar = tqdm(total=to_send, unit="B", unit_scale=True, desc="push", disable=not progress, file=sys.stderr)
-    sem = anyio.Semaphore(parallel)
+    sem = trio.Semaphore(parallel)
 
     async def send(digest: str) -> None:
         async with sem:
             await client.upload_blob(repo, digest, img.blob_path(digest), progress=bar.update)
 
     try:
-        async with anyio.create_task_group() as tg:
+        async with trio.open_nursery() as nursery:
             for digest in missing:
-                tg.start_soon(send, digest)
+                nursery.start_soon(send, digest)
     finally:
         bar.close()
     digest = await client.put_manifest(repo, target.tag or m.digest, m.raw, oci.OCI_MANIFEST)
@@ -112,7 +110,7 @@ def push(
     build_config: BuildConfig | None = None,
     auth: httpx.Auth | None = None,
     scheme: str | None = None,
-    parallel: int = DEFAULT_PARALLEL,
+    parallel: int = PUSH_PARALLEL,
     progress: bool | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> PushResult:
@@ -134,7 +132,7 @@ def push(
             async with RegistryClient(ref.registry, scheme=scheme, auth=auth, transport=transport) as client:
                 return await push_image(layout_img, ref, client=client, parallel=parallel, progress=show)
 
-        digest, blobs, sent, total, sent_bytes = anyio.run(run, backend="trio")
+        digest, blobs, sent, total, sent_bytes = trio.run(run)  # the CLI runs trio
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

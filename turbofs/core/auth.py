@@ -42,6 +42,7 @@ from typing import Any, Final
 
 import httpx
 
+from turbofs.core.config import TOKEN_REFRESH_FRACTION, TOKEN_REFRESH_MAX_MARGIN
 from turbofs.core.errors import AuthError, UsageError
 
 log = logging.getLogger(__name__)
@@ -365,9 +366,6 @@ def auth_for_registry(
 
 #: Lifetime of a token whose response gives none (the spec's default).
 DEFAULT_TOKEN_LIFETIME: Final = 60.0
-#: A cached token is renewed when less than this part of its lifetime (at most 30 s) is left.
-_REFRESH_FRACTION: Final = 0.1
-_REFRESH_MAX_MARGIN: Final = 30.0
 
 
 @dataclass
@@ -418,27 +416,21 @@ class RegistryAuth(httpx.Auth):
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         flow = self._flow(request)
-        try:
-            req, read = next(flow)
-            while True:
-                response = yield req
-                if read:
-                    response.read()
-                req, read = flow.send(response)
-        except StopIteration:
-            return
+        step = _advance(flow, None)
+        while step is not None:
+            response = yield step[0]
+            if step[1]:
+                response.read()
+            step = _advance(flow, response)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         flow = self._flow(request)
-        try:
-            req, read = next(flow)
-            while True:
-                response = yield req
-                if read:
-                    await response.aread()
-                req, read = flow.send(response)
-        except StopIteration:
-            return
+        step = _advance(flow, None)
+        while step is not None:
+            response = yield step[0]
+            if step[1]:
+                await response.aread()
+            step = _advance(flow, response)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         raise NotImplementedError("RegistryAuth drives its flow from sync_auth_flow/async_auth_flow")
@@ -568,12 +560,20 @@ class RegistryAuth(httpx.Auth):
             lifetime = 0.0
         if not isinstance(value, str) or not value:
             raise AuthError(f"registry {host}: token service {state.realm} sent no token")
-        margin = min(_REFRESH_MAX_MARGIN, lifetime * _REFRESH_FRACTION)
+        margin = min(TOKEN_REFRESH_MAX_MARGIN, lifetime * TOKEN_REFRESH_FRACTION)
         tok = _Token(value, self._clock() + max(0.0, lifetime - margin))
         self._tokens[key] = tok
         if also:
             self._tokens[self._key(state, also)] = tok
         return value
+
+
+def _advance(flow: _Step, response: httpx.Response | None) -> tuple[httpx.Request, bool] | None:
+    """The flow's next (request, read its body?) after ``response``; None once it is done."""
+    try:
+        return next(flow) if response is None else flow.send(response)
+    except StopIteration:
+        return None
 
 
 def _replayable(request: httpx.Request) -> bool:

@@ -2,8 +2,8 @@
 
 Configuration is loaded from TOML (``/etc/turbofs/config.toml`` or ``--config``), one table
 per part (``[build]``, later ``[registry]``, ``[daemon]``...), and command-line flags override
-it. The defaults below are the measured choices; ``docs/format.md`` and ``bench/README.md``
-say why.
+it. Each default carries one line of reason; the measurements behind them are in
+``bench/README.md``. Limits that are not settings sit in the "Fixed limits" block.
 """
 
 from __future__ import annotations
@@ -23,146 +23,247 @@ GiB: Final = 1024 * MiB
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/turbofs/config.toml")
 
-#: Uncompressed chunk size. Chosen by measurement (bench/README.md, "workingset"): for the
-#: python-1g startup, 256 KiB chunks fetch 62 MB and decompress 1.5x what is used, against
-#: 82 MB and 2.1x with 1 MiB chunks; 128 KiB saves only 10% more for 65% more chunks.
+# -- ``turbofs build`` ([build]) -------------------------------------------------------------
+
+#: Uncompressed chunk size: the smallest startup working set per chunk counted (bench/README.md, "workingset").
 DEFAULT_CHUNK_SIZE: Final = 256 * KiB
+#: zstd level 3: level 6 saves 4% of the bytes for a third slower build (bench/README.md, "Build").
 DEFAULT_ZSTD_LEVEL: Final = 3
-#: Chunk blobs are cut where a chunk digest says so (content-defined, so one changed
-#: chunk changes one blob) once they hold at least the minimum, and always at the maximum.
-#: A one-file change re-uploads one blob plus the index and the manifest: blobs of 1 MiB
-#: on average keep that near half a percent of a 1 GB image (bench/README.md, "push").
+#: Chunk blobs are cut content-defined between these sizes, so a one-file change re-uploads one blob.
 DEFAULT_BLOB_MIN: Final = 512 * KiB
 DEFAULT_BLOB_AVG: Final = 1 * MiB
 DEFAULT_BLOB_MAX: Final = 4 * MiB
-DEFAULT_MAX_LAYER_SIZE: Final = 64 * GiB  # uncompressed bytes of one layer
+DEFAULT_MAX_LAYER_SIZE: Final = 64 * GiB  # uncompressed bytes of one layer: refuse a tar bomb
 DEFAULT_MAX_IMAGE_SIZE: Final = 256 * GiB  # uncompressed bytes of all layers
-DEFAULT_MAX_ENTRIES: Final = 10_000_000  # tar entries over all layers
-DEFAULT_MAX_CONFIG_SIZE: Final = 8 * MiB  # manifests, configs, index.json
-DEFAULT_PATH_MAX: Final = 4096
-#: Files smaller than a chunk wait in memory, up to this many bytes, then in a spool file,
-#: until they are packed in path order at the end of the build.
+DEFAULT_MAX_ENTRIES: Final = 10_000_000  # tar entries over all layers: bounds the index in memory
+DEFAULT_MAX_CONFIG_SIZE: Final = 8 * MiB  # manifests, configs, index.json read by the builder
+DEFAULT_PATH_MAX: Final = 4096  # Linux's PATH_MAX: longer names cannot be presented
+#: Files smaller than a chunk wait in memory up to this many bytes, then in a spool file.
 DEFAULT_SMALL_FILES_MEMORY: Final = 1 * GiB
 DEFAULT_TAG: Final = "latest"
 
-#: The embedded registry: loopback only unless told otherwise.
+# -- ``turbofs serve`` ([registry]) ----------------------------------------------------------
+
+#: The embedded registry listens on loopback unless told otherwise.
 DEFAULT_REGISTRY_HOST: Final = "127.0.0.1"
 DEFAULT_REGISTRY_PORT: Final = 5050
 DEFAULT_REGISTRY_STORAGE: Final = Path("/var/lib/turbofs/registry")
-DEFAULT_MAX_MANIFEST_SIZE: Final = 4 * MiB
+DEFAULT_MAX_MANIFEST_SIZE: Final = 4 * MiB  # as distribution's limit
 DEFAULT_MAX_BLOB_SIZE: Final = 64 * GiB
 DEFAULT_UPLOAD_TTL: Final = 3600.0  # seconds an idle upload session lives
-DEFAULT_TOKEN_TTL: Final = 3600.0
-DEFAULT_MAX_BATCH_RANGES: Final = 4096
-DEFAULT_MAX_BATCH_BYTES: Final = 256 * MiB
-DEFAULT_CONVERT_TAG_SUFFIX: Final = "-turbo"
+DEFAULT_TOKEN_TTL: Final = 3600.0  # seconds a bearer token is valid
+DEFAULT_MAX_BATCH_RANGES: Final = 4096  # ranges in one batched fetch: bounds a request's work
+DEFAULT_MAX_BATCH_BYTES: Final = 256 * MiB  # bytes of one batched answer
+DEFAULT_CONVERT_TAG_SUFFIX: Final = "-turbo"  # server-side conversion: TAG -> TAG-turbo
 
-#: The node daemon (``turbofs mount``, TOML table ``[daemon]``); turbofs/node/cache.py says why.
-#: The chunk cache on disk, shared by every image and mount of the node: uncompressed
-#: chunks (a hit costs half the CPU of a zstd frame, measured: 180 vs 385 us per 256 KiB).
+# -- the node daemon, ``turbofs mount`` ([daemon]) -------------------------------------------
+
+#: The disk tier, shared by every mount of the node: uncompressed, verified chunks.
 DEFAULT_CACHE_DIR: Final = Path("/var/lib/turbofs/cache")
 DEFAULT_DISK_CACHE_BYTES: Final = 16 * GiB
-#: fsync each cache file before its rename: off, because every cache file is verified
-#: against its digest when read back (a torn file after a crash is a miss, not bad data),
-#: and fsync made a cache write ~8x slower here (501 vs 62 us per 256 KiB chunk).
+#: No fsync per cache file: a torn file fails its check and is a miss, never bad data.
 DEFAULT_DISK_CACHE_FSYNC: Final = False
-#: Decompressed chunks kept in daemon memory (peers' users complain about daemon RAM; a
-#: startup touches tens to hundreds of MB, and the kernel page cache keeps what FUSE served).
+#: Decompressed chunks in daemon memory; the page cache keeps what the kernel was served.
 DEFAULT_RAM_CACHE_BYTES: Final = 256 * MiB
-#: A read that waits on the network this long fails (EIO) with an error naming the cause.
+#: A read that waits on the network this long fails with EIO and names the cause.
 DEFAULT_READ_TIMEOUT: Final = 30.0
-#: Upper bound of one background fetch (all retries), so a chunk never stays "fetching".
+#: One background fetch, all retries, so that a chunk never stays "fetching".
 DEFAULT_FETCH_TIMEOUT: Final = 120.0
-#: Demand (and readahead) fetches in flight at once; prefetch has its own budget.
+#: Demand and readahead fetches in flight at once; prefetch has its own budget.
 DEFAULT_DEMAND_PARALLEL: Final = 16
-#: After this many sequential reads of a file, the next chunks are fetched ahead.
+#: After this many sequential reads of a file, its next chunks are fetched ahead.
 DEFAULT_READAHEAD_TRIGGER: Final = 2
 DEFAULT_READAHEAD_CHUNKS: Final = 4
 DEFAULT_PREFETCH: Final = True
 DEFAULT_PREFETCH_PARALLEL: Final = 4
 DEFAULT_PREFETCH_BANDWIDTH: Final = 0  # bytes/s over the network; 0: no cap
-#: Compressed bytes per prefetch fetch (chunks of the prefetch order, adjacent in their
-#: blob most of the time, so usually one range): about one average blob.
+#: Compressed bytes per prefetch fetch: about one blob, so usually one range.
 DEFAULT_PREFETCH_BATCH_BYTES: Final = 4 * MiB
-#: The background prefetch (after a recorded startup's chunks, which go first) starts a
-#: batch only once no read has come for this long (cached or not): its batches share the
-#: link and its queue with reads, so a read queued behind them waits (measured: ~12 ms per
-#: demand fetch with the prefetch running flat out vs ~1.6 ms without; cold start of
-#: python-5g 27 s vs 8 s), and its decompression, hashing and disk writes take CPU from the
-#: starting process (a traced python-1g start served wholly from the startup phase still
-#: took 17.7 s of app time vs 11.6 s while the rest of the image streamed in behind it, on
-#: 2 busy cores; bench/README.md, cold start).
+#: The background prefetch starts a batch only after this long without a read: its batches
+#: would otherwise queue ahead of demand reads and take CPU from the starting process.
 DEFAULT_PREFETCH_QUIET: Final = 0.5
-#: Compressed bytes per fetch of a recorded startup's chunks: they are adjacent in the
-#: blobs, and smaller batches keep them arriving in the order the startup reads them.
+#: Smaller batches for a recorded startup keep its chunks arriving in the order it reads them.
 DEFAULT_PREFETCH_STARTUP_BATCH_BYTES: Final = 1 * MiB
-#: erofs mode: push each recorded-startup chunk, once in, into the kernel's page cache of
-#: the image file (FUSE notify_store), so erofs's reads of it never reach the daemon. On:
-#: with the cold path's CPU per byte down (frame digests, spare daemons), a start waits on
-#: FUSE round trips more than on the CPU, and the push takes them away. Measured side by
-#: side on the 1 Gbit/s link (bench/README.md, "Cold start"): python-5g READY 5.7 -> 4.5-4.7 s
-#: (FUSE reads at READY ~5,500 -> ~700, the app's own time 4.4 -> 3.3 s), python-1g 3.0 ->
-#: 2.5 s. Costs: the whole recorded startup lands in the page cache at once (reclaimable;
-#: ~0.8 GB for python-5g), and ~0.3-1 s more daemon CPU by READY. Earlier, when the path
-#: was CPU-bound (session 2's code), it did not bring READY forward.
+#: erofs mode: push each recorded-startup chunk into the image file's page cache (FUSE
+#: notify_store) so erofs never asks the daemon for it (bench/README.md, "Cold start").
 DEFAULT_STARTUP_NOTIFY_STORE: Final = True
 DEFAULT_PREFETCH_BACKOFF: Final = 1.0  # seconds after a failed prefetch fetch, doubled per failure
 DEFAULT_PREFETCH_BACKOFF_MAX: Final = 60.0
-#: Prefetch stops once it has written this share of the disk cache bound (it would
-#: otherwise evict what it fetched first, the most useful chunks).
+#: Prefetch stops at this share of the disk bound, rather than evict what it fetched first.
 DEFAULT_PREFETCH_DISK_SHARE: Final = 0.8
-#: How a mount presents the image: "erofs" (the kernel mounts erofs metadata built from the
-#: index, served as one FUSE file; far fewer FUSE requests), "fuse" (one FUSE request per
-#: lookup/getattr/read of each file), or "auto": erofs where the kernel has it, else fuse.
+#: "erofs": kernel erofs over one FUSE-served file (far fewer FUSE requests); "fuse": one
+#: FUSE request per lookup, getattr and read; "auto": erofs where the kernel has it.
 MOUNT_MODES: Final = ("auto", "erofs", "fuse")
 DEFAULT_MOUNT_MODE: Final = "auto"
-#: Erofs metadata generated from an index is kept in ``<cache_dir>/erofs/`` (one file per
-#: index, a few MB per 100,000 files), so a second mount of an image skips the build; least
-#: recently used files go beyond this many bytes (turbofs/erofs/cache.py).
+#: Built erofs metadata kept per index in ``<cache_dir>/erofs/``, least recently used out.
 DEFAULT_EROFS_META_CACHE_BYTES: Final = 512 * MiB
-#: Readahead of the files of an erofs mount (its bdi's read_ahead_kb; 0: leave the kernel's
-#: 128 KiB). The FUSE image file under it has its own, 1 MiB (the mount's ``readahead_kb``):
-#: with erofs reading that file buffered, the FUSE file's readahead sets the request size
-#: (128 KiB there: 7.8x the FUSE reads of a 434 MB file, +0.9 s of daemon CPU), and erofs's
-#: own 1 MiB changed neither requests nor CPU (bench/erofs_bench.py, bench/README.md "erofs
-#: readahead and caching"): the kernel's value stays.
+#: The erofs mount's own readahead (0: the kernel's); the FUSE file under it has 1 MiB,
+#: which is what sets the request size (bench/README.md, "erofs readahead and caching").
 DEFAULT_EROFS_READAHEAD_KB: Final = 0
-#: Options of the erofs mount. "directio" (erofs reads the image file with O_DIRECT) saves
-#: one page-cache copy of what is read (~0.5 GB for python-1g's startup files) but took
-#: 3.3-5.4x the FUSE reads and 0.4-1.2 s more daemon CPU for them, and it would defeat the
-#: startup page-cache push (``startup_notify_store``): off (same measurement).
+#: No "directio": it multiplies FUSE reads and defeats the startup page-cache push.
 DEFAULT_EROFS_MOUNT_OPTIONS: Final = ""
 
-#: The containerd snapshotter (``turbofs snapshotter``, TOML table ``[snapshotter]``).
+# -- ``turbofs snapshotter`` ([snapshotter]) -------------------------------------------------
+
 DEFAULT_SNAPSHOTTER_ADDRESS: Final = Path("/run/turbofs/snapshotter.sock")
 DEFAULT_SNAPSHOTTER_ROOT: Final = Path("/var/lib/turbofs/snapshotter")
-#: State folders of the snapshotter's mount daemons (pid, control socket, log); mounts do
-#: not survive a reboot, and neither does /run.
+#: The mount daemons' state (pid, control socket, log): mounts do not survive a reboot.
 DEFAULT_SNAPSHOTTER_RUN_DIR: Final = Path("/run/turbofs/snapshotter")
 #: The name containerd knows the snapshotter by (``[proxy_plugins.NAME]``).
 DEFAULT_SNAPSHOTTER_NAME: Final = "turbofs"
-#: Where the snapshotter looks for the turbo twin of a plain image that containerd's CRI
-#: pulls: the same repository, the tag plus this suffix (what ``turbofs serve
-#: --auto-convert`` writes).
+#: The turbo twin of a plain image CRI pulls: same repository, tag + suffix (as --auto-convert writes).
 DEFAULT_TURBO_TAG_SUFFIX: Final = DEFAULT_CONVERT_TAG_SUFFIX
-#: Registry calls the snapshotter makes while containerd waits: fewer retries than a mount.
+#: containerd waits on the snapshotter's registry calls: fewer retries than a mount's.
 DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES: Final = 2
 DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT: Final = 30.0
-DEFAULT_SNAPSHOTTER_WORKERS: Final = 16
+DEFAULT_SNAPSHOTTER_WORKERS: Final = 16  # gRPC worker threads
 
 # -- Fixed limits: bounds and tunables that are not settings, one line of reason each ---------
 
 # layers, tar streams and trees (turbofs.core.tar, .layers, .fstree; the builder; apply)
+#: Symlinks followed while resolving one path inside a root: Linux's MAXSYMLINKS.
+MAX_SYMLINKS: Final = 40
+#: A pax header or GNU long name larger than this is refused (no real one comes close).
+TAR_MAX_META_SIZE: Final = 16 << 20
+#: Bytes read from a layer blob, or written to a file being applied, at a time.
+LAYER_READ_BLOCK: Final = 1 << 20
+#: Decompressed pieces queued between a layer's reader thread and its tar parser.
+LAYER_QUEUE_DEPTH: Final = 8
+#: Chunks queued for hashing and compression per build worker (bounds the pieces read ahead).
+BUILD_CHUNKS_QUEUED_PER_WORKER: Final = 4
 
 # the registry client (turbofs.core.registry, .auth, .image)
+#: Retries of a request that is safe to repeat (connection lost, 408, 425, 429, 5xx).
+CLIENT_RETRIES: Final = 5
+#: First backoff in seconds, doubled per retry up to the maximum, with full jitter.
+CLIENT_BACKOFF: Final = 0.2
+CLIENT_BACKOFF_MAX: Final = 5.0
+#: A ``Retry-After`` (429, 503) asking to wait longer than this many seconds ends the retries.
+CLIENT_RETRY_AFTER_MAX: Final = 60.0
+#: HTTP statuses a request is retried on (timeouts, rate limits, transient server errors).
+CLIENT_RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Seconds one request may take, and its connect phase.
+CLIENT_TIMEOUT: Final = 60.0
+CLIENT_CONNECT_TIMEOUT: Final = 10.0
+#: Connections kept open to one registry (parallel range GETs and uploads share them).
+CLIENT_MAX_CONNECTIONS: Final = 32
+#: Range GETs (or HEADs) in flight per call to a registry without the turbofs extensions.
+CLIENT_PARALLEL: Final = 8
+#: Batched-fetch bounds assumed when the registry's ``/v2/_turbofs/info`` states none.
+CLIENT_BATCH_RANGES: Final = 1024
+CLIENT_BATCH_BYTES: Final = 64 * MiB
+#: Bytes per piece of a streamed blob upload.
+CLIENT_UPLOAD_PIECE: Final = 1 * MiB
+#: Largest manifest and image config accepted: both are JSON read whole into memory.
+CLIENT_MAX_MANIFEST: Final = 4 * MiB
+CLIENT_MAX_CONFIG: Final = 8 * MiB
+#: Image indexes nested deeper than this are refused (a loop of indexes ends here).
+MAX_INDEX_DEPTH: Final = 2
+#: A cached token is renewed once less than this share of its lifetime (at most the margin) is left.
+TOKEN_REFRESH_FRACTION: Final = 0.1
+TOKEN_REFRESH_MAX_MARGIN: Final = 30.0
+#: Blobs ``turbofs push`` uploads at once.
+PUSH_PARALLEL: Final = 4
 
 # the node core (turbofs.node)
+#: The RAM tier's entry limit (lru-dict needs one), far above what its byte bound lets in.
+RAM_CACHE_MAX_ENTRIES: Final = 1 << 22
+#: Disk-tier usage is counted in file-system blocks of this size.
+DISK_CACHE_BLOCK: Final = 4096
+#: A disk-tier temporary file of a dead process, or one this many seconds old, is removed at start.
+DISK_CACHE_STALE_TEMP: Final = 3600.0
+#: Files whose read pattern the reader remembers, to detect sequential reads.
+READER_SEQ_TRACKED_FILES: Final = 4096
+#: Source failures younger than this (seconds) are named in a read timeout's message.
+READER_RECENT_FAILURE: Final = 120.0
+#: A prefetch batch is held decompressed until on disk: at most this many times its compressed bound.
+PREFETCH_BATCH_EXPANSION: Final = 4
+#: Seconds of the prefetch bandwidth cap that may be spent at once after an idle spell.
+PREFETCH_BUCKET_BURST: Final = 0.25
+#: Fetch latency buckets (seconds): a local registry answers in a millisecond, a remote one in tens.
+FETCH_LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: glibc's mmap threshold, pinned at its starting value: chunk-sized blocks get mappings of
+#: their own, given back to the kernel when freed, instead of staying in heap arenas.
+MALLOC_MMAP_THRESHOLD: Final = 128 * KiB
+#: Malloc arenas for the loop and worker threads (glibc's 8 per core each keep free space resident).
+MALLOC_ARENA_MAX: Final = 2
+#: Free space at the top of a heap beyond this is given back at once.
+MALLOC_TRIM_THRESHOLD: Final = 1 * MiB
 
 # the presentations and the mount daemon (turbofs.mount, turbofs.erofs)
+#: Seconds the kernel keeps FUSE entries and attributes: the image never changes.
+FUSE_ATTR_TIMEOUT: Final = 3600.0
+#: Readahead of a FUSE mount's bdi: 1 MiB FUSE reads instead of the kernel's 128 KiB.
+FUSE_READAHEAD_KB: Final = 1024
+#: Bytes per read when the erofs metadata region is read into the page cache before mounting.
+EROFS_WARM_STEP: Final = 1 * MiB
+#: Bytes of the erofs image file fetched ahead of sequential reads of it.
+EROFS_READAHEAD_BYTES: Final = 1 * MiB
+#: Seconds a stop of the page-cache push waits for a push under way (a stuck one is left).
+PAGE_CACHE_STOP_WAIT: Final = 2.0
+#: Seconds ``turbofs mount`` waits for its daemon's "ready".
+MOUNT_READY_TIMEOUT: Final = 120.0
+#: Seconds ``turbofs umount`` waits for the daemon to exit before sending SIGTERM.
+UMOUNT_TIMEOUT: Final = 30.0
+#: Seconds a mount waits for a spare daemon still importing: still ahead of a new process.
+SPARE_WAIT: Final = 5.0
+#: Bytes of a control socket command (single words) and connections waiting to be accepted.
+CONTROL_MAX_COMMAND: Final = 1024
+CONTROL_BACKLOG: Final = 16
 
 # the snapshotter (turbofs.snapshotter)
+#: Uncompressed bytes of one layer a placeholder may become: a decompression bomb stops there.
+SNAPSHOTTER_MAX_LAYER_SIZE: Final = DEFAULT_MAX_LAYER_SIZE
+#: Image lookups the resolver keeps (a manifest digest names immutable bytes).
+RESOLVER_CACHE_ENTRIES: Final = 256
+#: Seconds "no turbo image" (or a failed lookup) is remembered: a twin being converted shows up
+#: after this, and a registry that is down is not asked again for every layer.
+RESOLVER_NEGATIVE_TTL: Final = 60.0
+#: A layer blob is downloaded in ranges of this many bytes, this many at a time.
+LAYER_DOWNLOAD_PIECE: Final = 8 * MiB
+LAYER_DOWNLOAD_PARALLEL: Final = 4
+#: Seconds an unmount waits for the daemon to exit by itself before it gets SIGTERM.
+UNMOUNT_WAIT: Final = 3.0
+#: Seconds after a spare daemon is used before the next starts, so its start does not compete
+#: with the container the mount is for.
+SPARE_REFILL_DELAY: Final = 10.0
+#: Snapshots per List answer message.
+SNAPSHOTTER_LIST_BATCH: Final = 100
+#: ``turbofs pull``: seconds a containerd call is retried while containerd's connection to a
+#: (re)started snapshotter backs off; seconds one call may take.
+CONTAINERD_RETRY_FOR: Final = 20.0
+CONTAINERD_TIMEOUT: Final = 120.0
+#: Bytes per message of a write into containerd's content store.
+CONTAINERD_WRITE_PIECE: Final = 1 * MiB
+#: Seconds the lease of a ``turbofs pull`` lives if the pull dies before deleting it.
+CONTAINERD_LEASE_TTL: Final = 3600.0
 
 # the registry server (server)
+#: Bytes per read of a request body streamed to disk, and per read of a blob copied or hashed.
+REGISTRY_IO_CHUNK: Final = 1 * MiB
+#: Catalog page when the client gives no ``n``; the largest page of any list answered.
+REGISTRY_CATALOG_PAGE: Final = 1000
+REGISTRY_MAX_PAGE: Final = 10_000
+#: JSON request bodies of the turbofs extensions (batch, missing), and of a conversion request.
+REGISTRY_MAX_EXT_BODY: Final = 8 * MiB
+REGISTRY_MAX_CONVERT_BODY: Final = 64 * KiB
+#: Digests one ``missing`` query may ask about (a large image has tens of thousands of blobs).
+REGISTRY_MAX_MISSING_DIGESTS: Final = 100_000
+#: Size of the token signing key made on first start, and the shortest key accepted.
+TOKEN_KEY_SIZE: Final = 32
+TOKEN_MIN_KEY_SIZE: Final = 16
+#: Lifetime of the refresh tokens handed out for ``offline_token``/``access_type=offline``.
+REFRESH_TOKEN_TTL: Final = 30 * 24 * 3600.0
+#: Longest bearer token looked at (ours are a few hundred bytes).
+MAX_TOKEN_LENGTH: Final = 16 * KiB
+#: scrypt cost of new password hashes: N = 2**15, r = 8, p = 1 (32 MiB); hashes carry their cost.
+SCRYPT_LOG_N: Final = 15
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+#: Highest scrypt cost a users-file hash may ask for (bounds the memory and time of a login).
+SCRYPT_MAX_LOG_N: Final = 20
+#: Basic logins remembered as verified, so clients sending Basic on every request skip scrypt.
+VERIFIED_LOGINS_CACHE: Final = 1024
 
 T = TypeVar("T")
 
@@ -323,7 +424,7 @@ class SnapshotterConfig:
     registry_timeout: float = DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT
     workers: int = DEFAULT_SNAPSHOTTER_WORKERS
     #: keep one mount daemon started ahead of need (interpreter up, modules imported) and
-    #: hand the next mount to it: ~0.2 s less from a lazy pull to a ready mount
+    #: hand the next mount to it, saving its start on the way to a ready mount
     spare_daemon: bool = True
 
     def validate(self) -> SnapshotterConfig:

@@ -782,11 +782,6 @@ _KNOWN_TYPES: Final = frozenset(
 )
 
 
-def chunk_digest(data: bytes) -> bytes:
-    """The digest that names a chunk: sha256 of its uncompressed bytes."""
-    return hashlib.sha256(data).digest()
-
-
 def piece_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
@@ -804,7 +799,6 @@ __all__ = [
     "Index",
     "Inode",
     "InodeSpec",
-    "chunk_digest",
     "encode",
     "piece_count",
 ]

@@ -1,4 +1,5 @@
-"""A turbo image's manifest, config and index, pinned by the manifest digest.
+"""Image manifests and configs (any image: :class:`ImageManifest`, :func:`parse_config`),
+and a turbo image's manifest and index, pinned by the manifest digest.
 
 ``manifest -> index blob -> chunk blobs``: the manifest names the index blob (its first
 layer, also in the ``io.turbofs.index.digest`` annotation) and every chunk blob; the index
@@ -7,20 +8,15 @@ names each chunk's blob by digest. :func:`parse_manifest` checks that these agre
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
+from turbofs.core import codec, oci
 from turbofs.core import format as fmt
-from turbofs.core import oci
-from turbofs.core.errors import DigestMismatch, FormatError, NotFound
-
-MAX_MANIFEST: int = 4 << 20
+from turbofs.core.config import CLIENT_MAX_CONFIG
+from turbofs.core.errors import FormatError, NotFound
 
 
 @dataclass(frozen=True)
@@ -33,39 +29,59 @@ class TurboManifest:
     annotations: dict[str, str]
 
 
-_local = threading.local()
+@dataclass(frozen=True)
+class OciDocument:
+    """A JSON document of an image (manifest or config), named by its digest and checked."""
+
+    digest: str
+    media_type: str
+    raw: bytes
+    obj: dict[str, Any]
+    #: names it in messages, e.g. ``REGISTRY/REPO@DIGEST``
+    where: str
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's decompressor (a context per chunk would allocate one each time; a
-    decompressor is not safe to share between threads)."""
-    d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd", None)
-    if d is None:
-        d = _local.zstd = zstandard.ZstdDecompressor()
-    return d
+@dataclass(frozen=True)
+class ImageManifest(OciDocument):
+    """An image manifest (an image index already followed to one platform)."""
+
+    @property
+    def config(self) -> oci.Descriptor:
+        return oci.Descriptor.from_json(self.obj.get("config"), f"manifest {self.where}")
+
+    @property
+    def layers(self) -> list[oci.Descriptor]:
+        return [oci.Descriptor.from_json(d, f"manifest {self.where}") for d in self.obj.get("layers") or []]
 
 
-def decompress_chunk(chunk: fmt.Chunk, frame: bytes) -> bytes:
-    """Decompress one chunk's zstd frame, checked against the index: the sha256 of the
-    frame where the index gives it (``chunk.frame``, format revision 1.2), else the sha256
-    of the uncompressed bytes (the chunk digest). Either way no byte comes out unchecked:
-    the index is itself verified by its digest, and decompressing a frame is deterministic,
-    so a frame that matches gives exactly the bytes the builder compressed. Checking the
-    frame hashes 2-3x fewer bytes, and before decompressing: a wrong frame is never even
-    decompressed."""
-    if len(frame) != chunk.clen:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: got {len(frame)} of {chunk.clen} compressed bytes")
-    if chunk.frame is not None and hashlib.sha256(frame).digest() != chunk.frame:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: compressed frame does not match its digest")
-    try:
-        data = _decompressor().decompress(frame, max_output_size=chunk.ulen)
-    except zstandard.ZstdError as exc:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: does not decompress ({exc})") from None
-    if len(data) != chunk.ulen:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: {len(data)} bytes decompressed, expected {chunk.ulen}")
-    if chunk.frame is None and fmt.chunk_digest(data) != chunk.digest:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: content does not match its digest")
-    return data
+@dataclass(frozen=True)
+class ImageConfig(OciDocument):
+    """An image config, checked against the descriptor that names it (:func:`parse_config`)."""
+
+    @property
+    def diff_ids(self) -> tuple[str, ...]:
+        """``rootfs.diff_ids``: one digest per layer, bottom first (containerd's chain IDs)."""
+        rootfs = self.obj.get("rootfs")
+        diffs = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diffs, list) or not diffs or not all(isinstance(d, str) for d in diffs):
+            raise FormatError(f"{self.where}: rootfs.diff_ids is missing or empty")
+        for d in diffs:
+            try:
+                oci.check_digest(d)
+            except FormatError as exc:
+                raise FormatError(f"{self.where}: rootfs.diff_ids: {exc}") from None
+        return tuple(diffs)
+
+
+def parse_config(raw: bytes, desc: oci.Descriptor, where: str | None = None) -> ImageConfig:
+    """The image config ``desc`` names: bounded in size, of the size and digest ``desc`` gives, JSON."""
+    where = where or f"image config {desc.digest}"
+    if len(raw) > CLIENT_MAX_CONFIG:
+        raise FormatError(f"{where}: {len(raw)} bytes is over the limit of {CLIENT_MAX_CONFIG}")
+    if len(raw) != desc.size:
+        raise FormatError(f"{where}: {len(raw)} bytes, its descriptor says {desc.size}")
+    oci.verify_bytes(raw, desc.digest, where)
+    return ImageConfig(desc.digest, desc.media_type, raw, oci.parse_json(raw, where), where)
 
 
 def is_turbo_manifest(obj: dict[str, Any]) -> bool:
@@ -126,7 +142,7 @@ class LayoutImage:
         with open(self.blob_path(blob.oci_digest), "rb") as f:
             f.seek(chunk.offset)
             frame = f.read(chunk.clen)
-        return decompress_chunk(chunk, frame)
+        return codec.decode_frame(chunk, frame).data
 
     def read(self, ino: int, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes of a regular file, straight from the layout (no cache)."""
@@ -163,8 +179,6 @@ def open_layout_image(root: Path, tag: str | None = None) -> LayoutImage:
             raise NotFound(f"{root}: blob {digest} is missing") from None
 
     manifest = parse_manifest(read(descs[0].digest), descs[0].digest)
-    config_raw = read(manifest.config.digest)
-    oci.verify_bytes(config_raw, manifest.config.digest, "image config")
-    config = oci.parse_json(config_raw, "image config")
+    config = parse_config(read(manifest.config.digest), manifest.config)
     index = load_index(manifest, read(manifest.index.digest))
-    return LayoutImage(root, manifest, config, index)
+    return LayoutImage(root, manifest, config.obj, index)

@@ -19,10 +19,9 @@ from typing import Any, BinaryIO, Final, cast
 import zstandard
 from isal import isal_zlib
 
+from turbofs.core.config import LAYER_QUEUE_DEPTH, LAYER_READ_BLOCK
 from turbofs.core.errors import DigestMismatch, LimitExceeded, SourceError
 
-READ_BLOCK: Final = 1 << 20
-QUEUE_DEPTH: Final = 8
 _INFLATE_ERRORS: Final[tuple[type[Exception], ...]] = cast(
     "tuple[type[Exception], ...]", (zlib.error, isal_zlib.error, zstandard.ZstdError)
 )
@@ -57,7 +56,7 @@ class _Decoder:
             if self.done and not data.strip(b"\0"):
                 break  # zero padding after the last member, as some writers add
             if self._obj is None or self.done:
-                # ISA-L inflates gzip 2.2-2.5x faster than zlib here (bench/README.md)
+                # ISA-L: a faster inflate than zlib (bench/README.md)
                 self._obj = (
                     isal_zlib.decompressobj(wbits=31)
                     if self.compression == "gzip"
@@ -99,19 +98,17 @@ class LayerStream(io.RawIOBase):
         super().__init__()
         self.name = name
         self._file = fileobj
-        self._expect_digest = digest
-        self._expect_size = size
-        self._expect_diff_id = diff_id
+        self._expect_digest, self._expect_size, self._expect_diff_id = digest, size, diff_id
         self._max_size = max_size
         self._on_read = on_read
-        head = fileobj.read(READ_BLOCK)
+        head = fileobj.read(LAYER_READ_BLOCK)
         self._first = head
         self.compression = compression or sniff_compression(head)
         self.uncompressed_size = 0
         self.compressed_size = 0
         self.diff_id = ""
         self.digest = ""
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(LAYER_QUEUE_DEPTH)
         self._buf = memoryview(b"")
         self._eof = False
         self._stop = threading.Event()
@@ -146,7 +143,7 @@ class LayerStream(io.RawIOBase):
                             "(raise --max-layer-size if this is intended)"
                         )
                     self._put(piece)
-                data = self._file.read(READ_BLOCK)
+                data = self._file.read(LAYER_READ_BLOCK)
             decoder.finish()
             self.digest = f"{algo}:{zhash.hexdigest()}"
             self.diff_id = "sha256:" + uhash.hexdigest()

@@ -1,9 +1,9 @@
 """A streaming reader of layer tar archives: POSIX ustar and pax, and GNU extensions.
 
-Written for the builder's hot path: headers are parsed with slices of one 512-byte block,
-file data is handed out in the pieces the caller asks for, straight from the decompressed
-stream, and extended-header values stay raw bytes (names that are not UTF-8, binary xattr
-values). Supported: regular files (types ``0``, ``\\0``, ``7``), hard links, symlinks,
+File data is handed out in the pieces the caller asks for, straight from the decompressed
+stream; pax values stay raw bytes (names that are not UTF-8, binary xattr values). An empty
+pax value deletes the record (POSIX), so the ustar field or global record applies, except an
+entry's own xattr record, which is an xattr with an empty value. Supported: regular files (types ``0``, ``\\0``, ``7``), hard links, symlinks,
 character and block devices, directories, fifos; pax per-file (``x``) and global (``g``)
 headers; GNU long names and link names (``L``, ``K``); base-256 numbers. GNU sparse files
 and multi-volume archives are refused with a clear error.
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
+from turbofs.core.config import TAR_MAX_META_SIZE
 from turbofs.core.errors import SourceError
+from turbofs.core.fstree import XATTR_RECORDS
 
 BLOCK: Final = 512
 _NS: Final = 1_000_000_000
@@ -24,7 +26,6 @@ _TYPES: Final = {
     b"0": "file", b"\0": "file", b"7": "file",
     b"1": "hardlink", b"2": "symlink", b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo",
 }  # fmt: skip
-MAX_META_SIZE: Final = 16 << 20  # a pax header or GNU long name larger than this is refused
 
 
 class TarError(SourceError):
@@ -134,6 +135,15 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def _merge(global_: dict[bytes, bytes], local: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The pax records in force for one entry."""
+    merged = {**global_, **local} if global_ else local
+    for key, value in local.items():
+        if not value and (key in global_ or not key.startswith(XATTR_RECORDS)):
+            del merged[key]
+    return merged
+
+
 def _pax_int(pax: dict[bytes, bytes], key: bytes, default: int) -> int:
     value = pax.get(key)
     if not value:
@@ -185,7 +195,7 @@ class TarReader:
         return block
 
     def _meta(self, size: int, what: str) -> bytes:
-        if size > MAX_META_SIZE:
+        if size > TAR_MAX_META_SIZE:
             raise TarError(f"{what} of {size} bytes is too large")
         data = self._in.take(size)
         if len(data) < size:
@@ -222,7 +232,8 @@ class TarReader:
                 pax.update(_parse_pax(self._meta(size, "pax header")))
                 continue
             if typeflag == b"g":
-                self._global.update(_parse_pax(self._meta(size, "global pax header")))
+                records = {**self._global, **_parse_pax(self._meta(size, "global pax header"))}
+                self._global = {k: v for k, v in records.items() if v}
                 continue
             if typeflag == b"L":
                 long_name = _cstr(self._meta(size, "GNU long name"))
@@ -238,7 +249,7 @@ class TarReader:
             if kind is None:
                 what = {b"S": "GNU sparse file", b"M": "multi-volume continuation"}.get(typeflag, "entry type")
                 raise TarError(f"unsupported tar {what} {typeflag!r}")
-            merged = {**self._global, **pax} if self._global else pax
+            merged = _merge(self._global, pax)
             if any(k.startswith(b"GNU.sparse.") for k in merged):
                 raise TarError("unsupported pax sparse file")
             name = _cstr(block[0:100])

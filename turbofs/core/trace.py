@@ -137,9 +137,4 @@ def recorded(index: Index, chunk_ids: Sequence[int], *, image: str = "", index_d
                         files=list(files))
 
 
-def split_path(path: bytes) -> tuple[bytes, ...]:
-    """Components of an absolute image path (``.`` and empty ones dropped)."""
-    return tuple(p for p in path.split(b"/") if p and p != b".")
-
-
-__all__ = ["FORMAT", "MAX_ENTRIES", "StartupTrace", "load", "parse", "recorded", "split_path"]
+__all__ = ["FORMAT", "MAX_ENTRIES", "StartupTrace", "load", "parse", "recorded"]

@@ -15,7 +15,7 @@ and renamed, so a half-written one never has a final name; there is no fsync bec
 load checks the body's sha256 (a file torn by a power loss is a miss, removed, and rebuilt).
 
 The sha256 only says the file is the one written; it does not make the metadata trusted.
-Whoever loads it (:func:`turbofs.mount.erofsfs.prepare`) runs :func:`~turbofs.erofs.check_erofs`
+Whoever loads it (:func:`turbofs.erofs.prepare.prepare_image`) runs :func:`~turbofs.erofs.check_erofs`
 on it exactly as on freshly built metadata, and a file that fails is removed and rebuilt.
 
 The folder is bounded in bytes: after each store the least recently used files (a load

@@ -1,4 +1,5 @@
-"""Controlling mounts from outside the daemon: start one, wait for it, ask it, unmount it.
+"""Controlling mounts from outside the daemon: start one, wait for it, ask it (the client
+of :mod:`turbofs.mount.control`), unmount it.
 
 Kept free of the daemon's imports (FUSE, trio, the reader), so that ``turbofs mount`` (which
 only spawns the daemon and waits for its "ready") and ``turbofs status``/``umount`` start
@@ -22,16 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from turbofs.core.config import DaemonConfig
+from turbofs.core.config import (
+    FUSE_ATTR_TIMEOUT,
+    FUSE_READAHEAD_KB,
+    MOUNT_READY_TIMEOUT,
+    SPARE_WAIT,
+    UMOUNT_TIMEOUT,
+    DaemonConfig,
+)
 from turbofs.core.errors import TurboError, UsageError
 
 log = logging.getLogger("turbofs.daemon")
 
+#: Where each mount's state folder lives (pid, control socket, log): gone at reboot, as the mounts.
 DEFAULT_RUN_DIR: Final = Path("/run/turbofs/mounts")
-READY_TIMEOUT: Final = 120.0
-UMOUNT_TIMEOUT: Final = 30.0
-#: Seconds a mount waits for a spare daemon that is still importing before starting anew.
-SPARE_WAIT: Final = 5.0
 
 
 @dataclass
@@ -43,8 +48,8 @@ class MountRequest:
     auth: Any = None
     scheme: str | None = None
     platform: str | None = None
-    attr_timeout: float = 3600.0
-    readahead_kb: int = 1024
+    attr_timeout: float = FUSE_ATTR_TIMEOUT
+    readahead_kb: int = FUSE_READAHEAD_KB
     allow_other: bool = True
 
 
@@ -53,8 +58,17 @@ def state_dir(run_dir: Path, mountpoint: Path) -> Path:
     return run_dir / key
 
 
+def daemon_pid(state: Path) -> int | None:
+    """The pid its daemon wrote into the state folder ``state``, or None."""
+    try:
+        return int((state / "pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def clean_stale(mountpoint: Path) -> bool:
-    """Lazily unmount mounts on ``mountpoint`` whose daemon died; True if there were any."""
+    """Lazily unmount FUSE mounts on ``mountpoint`` whose daemon died (ENOTCONN); True if
+    there were any. A dead erofs-mode daemon's mounts: :func:`turbofs.mount.erofsmount.unmount_dead_erofs`."""
     found = False
     for _ in range(16):  # stacked dead mounts go one at a time
         if not is_stale_mount(str(mountpoint)):
@@ -84,10 +98,9 @@ def is_stale_mount(path: str) -> bool:
 
 class SpareDaemon:
     """A mount daemon started ahead of need (:mod:`turbofs.mount.spare`): its interpreter up
-    and its modules imported, it waits for the arguments of one mount. Handing it a mount
-    (:func:`mount_background`) saves that start, ~0.2 s of CPU here, on the way to a ready
-    mount. Detached like any daemon (its own session); it exits when :meth:`close` is
-    called or its starter goes away without handing it a mount (end of its input)."""
+    and its modules imported, it waits for the arguments of one mount (:func:`mount_background`),
+    which saves that start on the way to a ready mount. Detached like any daemon (its own
+    session); it exits on :meth:`close` or when its starter goes away (end of its input)."""
 
     def __init__(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -170,7 +183,7 @@ def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool, spa
             )
         os.close(write_fd)
     seen: set[str] = set()
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + MOUNT_READY_TIMEOUT
     buf = b""
     with os.fdopen(read_fd, "rb", buffering=0) as events:
         while True:
@@ -203,10 +216,7 @@ def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool, spa
 
 def unmount(mountpoint: Path, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = UMOUNT_TIMEOUT) -> None:
     """Unmount ``mountpoint`` and wait for its daemon to exit."""
-    state = state_dir(run_dir, mountpoint)
-    pid = None
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        pid = int((state / "pid").read_text().strip())
+    pid = daemon_pid(state_dir(run_dir, mountpoint))
     if not os.path.ismount(mountpoint) and not is_stale_mount(str(mountpoint)):
         if pid is None:
             raise UsageError(f"{mountpoint} is not mounted")

@@ -4,14 +4,15 @@
 
     turbofs mount REF MP          parent: spawns the daemon, waits for "ready" on a pipe, exits
       └─ turbofs mount --foreground   the daemon (trio):
-           open_image (manifest + index only) -> ChunkReader -> TurboFS -> pyfuse3.init
+           open_image (manifest + index only) -> ChunkReader -> presentation -> pyfuse3.init
            nursery: pyfuse3.main | handshake + readahead | control socket | prefetch | signals
-    turbofs status MP             asks the daemon's control socket for its status (JSON)
+    turbofs status MP             asks the daemon's control socket (turbofs.mount.control)
     turbofs umount MP             unmounts; the daemon sees the unmount and exits
 
-Every mount has a small state folder, ``<run_dir>/<key>/`` (key: a hash of the mountpoint):
-``pid``, ``control.sock``, ``daemon.log``. A mountpoint left behind by a killed daemon
-(ENOTCONN) is detected and lazily unmounted by the next ``turbofs mount`` on it.
+The presentation is per-file FUSE (turbofs.mount.fusefs) or erofs (turbofs.mount.erofsfile,
+.erofsmount, .pagecache). Every mount has a state folder, ``<run_dir>/<key>/`` (key: a hash
+of the mountpoint): ``pid``, ``control.sock``, ``daemon.log``. What a killed daemon left on
+the mountpoint is removed by the next ``turbofs mount`` on it.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ import trio
 
 from turbofs.core.errors import TurboError
 from turbofs.core.format import Index
-from turbofs.erofs import ErofsError, ErofsImage
-from turbofs.mount import erofsfs
-from turbofs.mount.ctl import (
-    MountRequest,
-    clean_stale,
-    state_dir,
-)
+from turbofs.erofs import ErofsError, ErofsImage, prepare_image
+from turbofs.mount import kernel
+from turbofs.mount.control import serve_control
+from turbofs.mount.ctl import MountRequest, clean_stale, state_dir
+from turbofs.mount.erofsfile import IMAGE_INO, ErofsFileFS, image_mount_options
+from turbofs.mount.erofsmount import ErofsMount, unmount_dead_erofs
 from turbofs.mount.fusefs import TurboFS, fuse_options
+from turbofs.mount.pagecache import PageCacheStore, stop_page_cache_stores
 from turbofs.node import memory
 from turbofs.node.cache import ChunkCache
 from turbofs.node.metrics import NodeMetrics
@@ -49,17 +50,6 @@ from turbofs.node.reader import ChunkReader
 from turbofs.node.source import OpenedImage, open_image
 
 log = logging.getLogger("turbofs.daemon")
-
-
-
-def _set_readahead(mountpoint: Path, kb: int) -> None:
-    st = os.stat(mountpoint)
-    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
-    try:
-        bdi.write_text(f"{kb}\n")
-    except OSError as exc:
-        log.warning("%s: could not raise readahead to %d KiB: %s", mountpoint, kb, exc)
-
 
 _IMPORTED = time.monotonic()
 _handed: float | None = None  # when a spare daemon was handed its mount (monotonic)
@@ -89,6 +79,9 @@ def since_start() -> float:
 
 
 class Daemon:
+    """One mount's daemon: opens the image, serves a presentation until it is unmounted,
+    and answers its control socket."""
+
     def __init__(self, req: MountRequest, notify: Callable[[str], None]) -> None:
         self.req = req
         self.notify = notify
@@ -96,11 +89,12 @@ class Daemon:
         self.state = state_dir(req.run_dir, req.mountpoint)
         self.started = time.time()
         self.reader: ChunkReader | None = None
+        self.cache: ChunkCache | None = None
         self.prefetcher: Prefetcher | None = None
-        self.ops: TurboFS | erofsfs.ErofsFileFS | None = None
+        self.ops: TurboFS | ErofsFileFS | None = None
         self.ready = trio.Event()
         self.mode = "fuse"  # or "erofs" (decided in run)
-        self.erofs: erofsfs.ErofsMount | None = None
+        self.erofs: ErofsMount | None = None
         self.failure: TurboError | None = None  # why the erofs mount could not be made
         self.opened: OpenedImage | None = None
         #: seconds from the process's start (a spare's: its hand-over) to each step of the
@@ -122,8 +116,9 @@ class Daemon:
         }
         if self.erofs is not None:
             out["erofs"] = self.erofs.status()
+        if self.cache is not None:
+            out["cache"] = dataclasses.asdict(self.cache.counts())
         if self.reader is not None:
-            out["cache"] = dataclasses.asdict(self.reader.cache.counts())
             out["in_flight"] = self.reader.in_flight
         if self.prefetcher is not None:
             out["prefetch"] = dataclasses.asdict(self.prefetcher.progress())
@@ -141,51 +136,28 @@ class Daemon:
         return trace.recorded(self.opened.index, chunk_ids, image=self.req.ref,
                               index_digest=self.opened.manifest.index.digest).to_json()
 
-    async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        path = self.state / "control.sock"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-
-        async def handle(stream: trio.SocketStream) -> None:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-                while b"\n" not in data and len(data) < 1024:
-                    piece = await stream.receive_some(1024)
-                    if not piece:
-                        break
-                    data += piece
-                cmd = data.strip().decode(errors="replace")
-                if cmd == "metrics":
-                    reply = self.metrics.render()
-                elif cmd == "trace":
-                    ids = self.reader.trace() if self.reader is not None else []  # a copy, taken here
-                    reply = (await trio.to_thread.run_sync(self._trace, ids)).decode()
-                else:
-                    reply = json.dumps(self.status(), default=str)
-                await stream.send_all(reply.encode())
-                await stream.aclose()
-
-        await trio.serve_listeners(handle, [listener])
+    async def _answer(self, command: str) -> str:
+        """The control socket's answer to ``command`` (status is the default)."""
+        if command == "metrics":
+            return self.metrics.render()
+        if command == "trace":
+            ids = self.reader.trace() if self.reader is not None else []  # a copy, taken here
+            return (await trio.to_thread.run_sync(self._trace, ids)).decode()
+        return json.dumps(self.status(), default=str)
 
     async def _handshake(self) -> None:
         """Wait until the kernel finished FUSE_INIT (a stat answers), then tune and report."""
         if self.erofs is not None:
             try:
-                await self.erofs.start(_set_readahead)  # and mount erofs from the FUSE file
+                await self.erofs.start()  # and mount erofs from the FUSE file
             except TurboError as exc:
                 self.failure = exc
                 pyfuse3.terminate()
                 return
         else:
-            await trio.to_thread.run_sync(os.stat, self.req.mountpoint)
+            bdi = await trio.to_thread.run_sync(kernel.bdi_of, self.req.mountpoint)
             if self.req.readahead_kb:
-                await trio.to_thread.run_sync(_set_readahead, self.req.mountpoint, self.req.readahead_kb)
+                await trio.to_thread.run_sync(kernel.set_readahead, bdi, self.req.readahead_kb)
         self._mark("ready")
         self.ready.set()
         self.notify("ready")
@@ -195,7 +167,7 @@ class Daemon:
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, self.req.mountpoint)
                 if self.erofs is not None:
-                    await trio.to_thread.run_sync(self.erofs.stop)
+                    await trio.to_thread.run_sync(self._stop_erofs)
                 pyfuse3.terminate()
                 return
 
@@ -210,13 +182,14 @@ class Daemon:
         req = self.req
         self._mark("started")
         self.state.mkdir(parents=True, exist_ok=True)
-        erofsfs.clean_stale(self.state, req.mountpoint)  # reads the old pid file: first
+        unmount_dead_erofs(self.state, req.mountpoint)  # reads the old pid file: first
         (self.state / "pid").write_text(f"{os.getpid()}\n")
         clean_stale(req.mountpoint)
         opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
         self._mark("image_opened")
         self.opened = opened
         cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
+        self.cache = cache
         name = f"turbofs:{req.ref}"[:200].replace(",", "_")
         try:
             async with ChunkReader(opened.index, opened.source, cache, req.cfg, metrics=self.metrics, name=req.ref) as reader:
@@ -252,9 +225,14 @@ class Daemon:
         memory.trim()  # the metadata build's temporary objects
         if image is not None:
             self.mode = "erofs"
-            self.ops = erofsfs.ErofsFileFS(image, reader, name=req.ref)
-            self.erofs = erofsfs.ErofsMount(self.state, req.mountpoint, image, readahead_kb=req.readahead_kb)
-            fuse_at, options = self.erofs.prepare_dir(), erofsfs.hidden_options(name)
+            store = None
+            if req.cfg.startup_notify_store:
+                store = PageCacheStore(image, IMAGE_INO, name=req.ref)
+                reader.subscribe_startup_chunks(store.put)
+            self.ops = ErofsFileFS(image, reader, self.metrics, name=req.ref,
+                                   readahead_trigger=req.cfg.readahead_trigger, store=store)
+            self.erofs = ErofsMount(self.state, req.mountpoint, image, readahead_kb=req.readahead_kb)
+            fuse_at, options = self.erofs.prepare_dir(), image_mount_options(name)
         else:
             self.ops = TurboFS(opened.index, reader, attr_timeout=req.attr_timeout, name=req.ref)
             fuse_at, options = req.mountpoint, fuse_options(name, allow_other=req.allow_other)
@@ -262,29 +240,35 @@ class Daemon:
         self._mark("fuse_mounted")
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._control)
+                await nursery.start(serve_control, self.state / "control.sock", self._answer)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._handshake)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.erofs is not None:
-                self.erofs.stop()
+            self._stop_erofs()
             pyfuse3.close(unmount=self.erofs is None or self.erofs.hidden_mounted)
+
+    def _stop_erofs(self) -> None:
+        """Stop the page-cache pushes (they must not outlive the FUSE session) and detach
+        the erofs mount (the FUSE session ends with it)."""
+        if self.erofs is not None:
+            stop_page_cache_stores()
+            self.erofs.stop()
 
     async def _erofs_image(self, index: Index) -> ErofsImage | None:
         """The erofs image to serve, or None for the per-file FUSE mode (``cfg.mode``)."""
         mode = self.req.cfg.mode
         if mode == "fuse":
             return None
-        why_not = erofsfs.cannot_mount_erofs()
+        why_not = kernel.cannot_mount_erofs()
         if why_not:
             if mode == "erofs":
                 raise TurboError(f"{why_not}: mount with --mode fuse")
             return None
         try:
             cache_dir = self.req.cfg.cache_dir
-            return await trio.to_thread.run_sync(lambda: erofsfs.prepare(index, cache_dir=cache_dir))
+            return await trio.to_thread.run_sync(lambda: prepare_image(index, cache_dir=cache_dir))
         except ErofsError as exc:
             if mode == "erofs":
                 raise TurboError(f"{self.req.ref}: refusing to serve it as erofs: {exc}") from None

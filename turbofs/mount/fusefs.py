@@ -3,9 +3,9 @@
 Inodes map to index entries (FUSE inode = index inode + 1, so the root is
 ``pyfuse3.ROOT_INODE``); metadata comes from the in-memory index; file data comes from the
 reader (``read(ino, offset, length)``). Errors become errno values in one place,
-:func:`errno_of`. The image never changes, so entries and attributes are cached by the kernel
-for ``attr_timeout`` seconds and files are opened with ``keep_cache``: a repeated read is
-served from the page cache and never reaches Python.
+:func:`errno_of`. The image never changes: the kernel caches entries and attributes for
+``attr_timeout`` seconds and files open with ``keep_cache``, so repeated reads never reach Python.
+:class:`ReadOnlyOperations` is what both presentations answer alike.
 """
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import pyfuse3
 
 from turbofs.core import format as fmt
+from turbofs.core.config import FUSE_ATTR_TIMEOUT
 from turbofs.core.errors import FormatError, NotFound, TurboError
+from turbofs.node.reader import PresentationReader
 
 log = logging.getLogger("turbofs.fuse")
 
 T = TypeVar("T")
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-class Reader(Protocol):
-    async def read(self, ino: int, offset: int, length: int) -> bytes: ...
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def errno_of(exc: BaseException) -> int:
@@ -46,30 +44,72 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
-class TurboFS(pyfuse3.Operations):
-    """Read-only FUSE operations over an index and a reader."""
+class ReadOnlyOperations(pyfuse3.Operations):
+    """What both presentations answer alike: no change to anything, no ACLs, permissions
+    checked by the kernel ("default_permissions"), requests counted by operation."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.counts: dict[str, int] = {}
+
+    @staticmethod
+    def refuse_writes(flags: int) -> None:
+        """EROFS for an open that would write."""
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @staticmethod
+    def statvfs(blocks: int, files: int) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = blocks
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = files
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    async def _rofs(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = setxattr = removexattr = _rofs  # type: ignore[assignment]
+
+
+class TurboFS(ReadOnlyOperations):
+    """Read-only FUSE operations over an index and a reader."""
+
     def __init__(
         self,
         index: fmt.Index,
-        reader: Reader,
+        reader: PresentationReader,
         *,
-        attr_timeout: float = 3600.0,
+        attr_timeout: float = FUSE_ATTR_TIMEOUT,
         name: str = "turbofs",
         on_error: Callable[[str, int, BaseException], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name)
         self.index = index
         self.reader = reader
         self.attr_timeout = attr_timeout
-        self.name = name
         self._on_error = on_error
         self._paths: dict[int, bytes] = {}
-        self.counts: dict[str, int] = {}
 
     # -- helpers
 
@@ -139,9 +179,6 @@ class TurboFS(pyfuse3.Operations):
 
         return await self._guard("getattr", ino, run)
 
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         ino = self._ino(inode)
 
@@ -154,8 +191,7 @@ class TurboFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         ino = self._ino(inode)
-        if flags & _WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        self.refuse_writes(flags)
 
         async def run() -> pyfuse3.FileInfo:
             if not self.index.inode(ino).is_reg:
@@ -171,9 +207,6 @@ class TurboFS(pyfuse3.Operations):
             return await self.reader.read(ino, off, size)
 
         return await self._guard("read", ino, run)
-
-    async def release(self, fh: int) -> None:
-        return None
 
     async def opendir(self, inode: int, ctx: Any) -> int:
         ino = self._ino(inode)
@@ -197,19 +230,9 @@ class TurboFS(pyfuse3.Operations):
 
         await self._guard("readdir", ino, run)
 
-    async def releasedir(self, fh: int) -> None:
-        return None
-
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
         total = sum(c.ulen for c in self.index.chunks()) if self.index.n_chunks < 1_000_000 else 0
-        s.f_blocks = -(-total // 4096)
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = self.index.n_inodes
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+        return self.statvfs(-(-total // 4096), self.index.n_inodes)
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         ino = self._ino(inode)
@@ -229,15 +252,6 @@ class TurboFS(pyfuse3.Operations):
             return list(self.index.xattrs(ino))
 
         return await self._guard("listxattr", ino, run)
-
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        return True  # "default_permissions": the kernel checks modes itself
-
-    # every call that would change the image
-    async def _rofs(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    create = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = setxattr = removexattr = _rofs  # type: ignore[assignment]
 
 
 def fuse_options(name: str, *, allow_other: bool = True) -> set[str]:

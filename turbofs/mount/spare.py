@@ -9,8 +9,8 @@ on it is that mount's daemon, as if it had been started for it. End of input ins
 line (its starter went away or no longer needs it): it exits.
 
 A starter (:class:`turbofs.mount.ctl.SpareDaemon`, kept by the snapshotter) saves the
-interpreter's start and the imports, ~0.2 s of CPU here, on the way from a Prepare to a
-ready mount: the time before a lazily pulled container's process starts.
+interpreter's start and the imports on the way from a Prepare to a ready mount: the time
+before a lazily pulled container's process starts.
 """
 
 from __future__ import annotations

@@ -13,14 +13,7 @@ top of :class:`ChunkReader`; neither needs anything else from here but a
         data = await reader.read(ino, offset, length)             # ReadError -> EIO
 """
 
-from turbofs.node.cache import (
-    ChunkCache,
-    DiskCache,
-    RamCache,
-    VerifiedChunk,
-    decode_frame,
-    verify_data,
-)
+from turbofs.node.cache import ChunkCache, DiskCache, RamCache
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
 from turbofs.node.prefetch import Prefetcher, PrefetchProgress, PrefetchState, TokenBucket
@@ -49,8 +42,5 @@ __all__ = [
     "ReaderClosed",
     "RegistrySource",
     "TokenBucket",
-    "VerifiedChunk",
-    "decode_frame",
     "open_image",
-    "verify_data",
 ]

@@ -1,63 +1,19 @@
-"""The chunk cache: a RAM tier of decompressed chunks and a disk tier shared by the node.
+"""The chunk cache: a RAM tier of decompressed chunks over a disk tier shared by the node.
 
-Two tiers behind one interface (:class:`ChunkCache`):
+* **RAM** (:class:`RamCache`): decompressed chunks bounded in bytes, least recently used
+  out first, so a chunk is decompressed once however many reads touch it.
+* **Disk** (:class:`DiskCache`): uncompressed chunks in ``<dir>/<2 hex>/<64 hex>``, named by
+  their sha256 (``sha256sum -c`` works on it), shared by every image and mount, bounded in
+  bytes with LRU eviction, kept across restarts. Raw chunks rather than zstd frames: a disk
+  hit then costs no second decompression on the cold-start path.
 
-* **RAM** (:class:`RamCache`): decompressed chunks, least recently used first out, bounded
-  in bytes (an ``lru.LRU`` for the order, byte accounting on top). Reads slice these, so a
-  chunk is decompressed once however many reads touch it.
-* **Disk** (:class:`DiskCache`): ``<dir>/<2 hex>/<64 hex>``, content-addressed by the sha256
-  of the uncompressed chunk, shared by every image and mount on the node (equal chunks of
-  different images are one file), bounded in bytes with LRU eviction and kept across
-  restarts (the order is rebuilt from the files' atimes/mtimes on start).
-
-**What a disk file holds: the uncompressed chunk**, so a file's sha256 is its name
-(``sha256sum -c`` works on the cache). Measured (scripts in the report, /tmp/nodebench) on
-the bench image python-1g, 256 KiB chunks, zstd 3, against storing the compressed frame:
-
-=========================================  ================  ================
-per chunk (273 full chunks of big files)   raw chunk         zstd frame
-=========================================  ================  ================
-disk hit, page cache warm (read + verify)  180 us CPU        385 us CPU
-disk hit, cold disk                        466 us wall       533 us wall
-write (no fsync)                           62 us             35 us
-size                                       1x                1/2.8-1/3.3x
-=========================================  ================  ================
-
-Disk hits sit on the cold-start path (prefetch fills the disk, then the starting process
-reads from it), on two cores shared with that process; frames would decompress every chunk
-a second time there (prefetch already decompressed it to verify it): +200 us per 256 KiB,
-~0.3 s of CPU for a 400 MB startup working set. Frames would save disk only on
-compressible files (libraries, code; model weights barely compress), and the disk tier is
-bounded anyway. So: raw chunks, decompressed exactly once on the node.
-
-**Crash safety without fsync.** Every file is written to a temporary name in its final
-directory, then renamed: a half-written file never has a chunk's name while the machine
-runs. After a power loss a renamed file may still be empty or torn (its data was not
-flushed), so a file is checked (length and sha256 against its name) before any byte of it
-is used; a mismatch is a miss, counted, and the file is removed. A file this process wrote
-itself (from bytes it had just checked) or has checked once is not hashed again while it
-keeps the stamp it had then (inode, size, an mtime set to the nanosecond): a cold start
-reads back, moments later, the chunks its prefetch just wrote, and a second sha256 of each
-cost 0.85 ms of CPU per MB (bench/README.md, "Mount", section 3). That makes fsync
-unnecessary for correctness, and it made each write ~8x slower here (501 vs 62 us per
-256 KiB chunk), so it is off by default (``DaemonConfig.disk_cache_fsync``).
-
-**Frame checks and the shared disk.** Where the index gives frame digests (format revision
-1.2), a fetched chunk is checked through its compressed frame (:func:`decode_frame`), not
-its uncompressed bytes. That vouches for the bytes as *that index* describes them; it does
-not prove they hash to the chunk digest the file is named by (a faulty or hostile builder
-could pair a digest with other content). So the trust a frame check gives a file is
-remembered with the frame digest (:attr:`_Entry.frame`) and extends only to chunks with
-the same frame digest (the same image, or one built from the same frames); any other
-reader of the file, in this process or another, hashes it against its name first.
-
-A chunk enters either tier only after its digest was verified: both tiers take a
-:class:`VerifiedChunk`, which only the checking functions make. Disk eviction never removes
-a file being read (readers pin it). Disk I/O and decompression run in worker threads
-(``trio.to_thread``): zstd and hashlib release the GIL, so two cores work in parallel and
-the trio loop keeps answering FUSE requests. Several daemons may share one directory safely
-(renames are atomic, a file unlinked by another process stays readable to whoever opened
-it); each then bounds only the files it knows about.
+Both tiers take only a :class:`~turbofs.core.codec.VerifiedChunk`. Disk files are written
+to a temporary name and renamed, without fsync: after a crash a file may be torn, so a file
+is checked against its name before use, unless this process wrote or checked it and it
+keeps the stamp (inode, size, nanosecond mtime) it had then. Trust from a frame check
+extends only to chunks with the same frame digest, since a frame digest vouches for bytes
+only as its own index describes them. Disk I/O runs in worker threads; eviction never
+removes a file being read (readers pin it); several daemons may share one directory.
 """
 
 from __future__ import annotations
@@ -79,20 +35,19 @@ from typing import Final
 import trio
 from lru import LRU
 
-from turbofs.core.config import DaemonConfig
+from turbofs.core.codec import VerifiedChunk, verify_data
+from turbofs.core.config import (
+    DISK_CACHE_BLOCK,
+    DISK_CACHE_STALE_TEMP,
+    RAM_CACHE_MAX_ENTRIES,
+    DaemonConfig,
+)
 from turbofs.core.errors import DigestMismatch
-from turbofs.core.format import Chunk, chunk_digest
-from turbofs.core.image import decompress_chunk
-from turbofs.node.metrics import NodeMetrics
+from turbofs.core.format import Chunk
+from turbofs.node.metrics import Gauge, NodeMetrics
 
 log = logging.getLogger("turbofs.node.cache")
 
-#: The RAM tier's entry limit, far above what its byte bound lets in (lru-dict needs one).
-RAM_MAX_ENTRIES: Final = 1 << 22
-#: Disk usage is counted in file-system blocks of this size.
-DISK_BLOCK: Final = 4096
-#: A temporary file of a dead process, or one this old, is removed at start.
-STALE_TEMP_SECONDS: Final = 3600.0
 #: Written into ``<dir>/CACHE_VERSION``; files of another version are not read.
 DISK_FORMAT: Final = b"turbofs chunk cache 1: uncompressed chunks named by their sha256\n"
 
@@ -102,36 +57,6 @@ _TEMP_PREFIX: Final = secrets.token_hex(4)
 #: Reads that must not wait for the disk (preadv with RWF_NOWAIT, Linux 4.14+).
 _NOWAIT: Final = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
 _temp_numbers = itertools.count()
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedChunk:
-    """A chunk's uncompressed bytes, checked against its digest.
-
-    Made only by :func:`decode_frame` and :func:`verify_data`, and by the disk tier for a
-    file whose bytes this process checked itself (:meth:`DiskCache.get`); the cache tiers
-    accept nothing else.
-    """
-
-    chunk: Chunk
-    data: bytes
-    #: The compressed-frame digest (``chunk.frame``) the bytes were checked through; None
-    #: when they were checked against the chunk digest itself. A frame check vouches for
-    #: the bytes as the index that gave the frame digest describes them; only a chunk-digest
-    #: check proves them to be the chunk that any image names by that digest.
-    frame: bytes | None = None
-
-
-def verify_data(chunk: Chunk, data: bytes) -> VerifiedChunk:
-    """Check uncompressed bytes against ``chunk`` (length and sha256); raises DigestMismatch."""
-    if len(data) != chunk.ulen or chunk_digest(data) != chunk.digest:
-        raise DigestMismatch(f"chunk {chunk.digest.hex()}: content does not match its digest")
-    return VerifiedChunk(chunk, data)
-
-
-def decode_frame(chunk: Chunk, frame: bytes) -> VerifiedChunk:
-    """Decompress a fetched zstd frame and check it against ``chunk``; raises DigestMismatch."""
-    return VerifiedChunk(chunk, decompress_chunk(chunk, frame), chunk.frame)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +73,7 @@ class RamCache:
         self.max_bytes = max_bytes
         self.used_bytes = 0
         self.evictions = 0
-        self._lru: LRU[bytes, bytes] = LRU(RAM_MAX_ENTRIES, self._evicted)
+        self._lru: LRU[bytes, bytes] = LRU(RAM_CACHE_MAX_ENTRIES, self._evicted)
 
     def _evicted(self, _key: bytes, value: bytes) -> None:
         self.used_bytes -= len(value)
@@ -174,9 +99,8 @@ class RamCache:
         self._lru[v.chunk.digest] = v.data
         self.used_bytes += size
         while self.used_bytes > self.max_bytes:
-            # never LRU.popitem: lru-dict (1.4.1 here) keeps a reference to every value it
-            # pops that way (amitdev/lru-dict#64), which leaked every evicted chunk: the
-            # daemon grew to the size of all chunks ever read (1.46 GB for python-1g)
+            # never LRU.popitem: lru-dict keeps a reference to every value it pops that
+            # way (amitdev/lru-dict#64), which would leak every evicted chunk
             oldest = self._lru.peek_last_item()
             if oldest is None:  # only if the byte count were wrong: never loop forever
                 self.used_bytes = 0
@@ -213,7 +137,7 @@ _Stamp = tuple[int, int, int]
 
 @dataclass
 class _Entry:
-    usage: int  # bytes counted against the bound (size rounded up to DISK_BLOCK)
+    usage: int  # bytes counted against the bound (size rounded up to DISK_CACHE_BLOCK)
     pins: int = 0
     #: Set once this process has checked the file's bytes (it wrote them after their
     #: digest check, or read and checked them): while the file still has this stamp, its
@@ -233,7 +157,7 @@ class _Entry:
 
 
 def _usage(size: int) -> int:
-    return max(DISK_BLOCK, -(-size // DISK_BLOCK) * DISK_BLOCK)
+    return max(DISK_CACHE_BLOCK, -(-size // DISK_CACHE_BLOCK) * DISK_CACHE_BLOCK)
 
 
 def _read_fd(fd: int, n: int) -> bytes:
@@ -335,7 +259,7 @@ class DiskCache:
             age = now - path.stat().st_mtime
         except FileNotFoundError:
             return
-        if not _pid_alive(pid) or age > STALE_TEMP_SECONDS:
+        if not _pid_alive(pid) or age > DISK_CACHE_STALE_TEMP:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self.stats.removed_temps += 1
@@ -393,12 +317,8 @@ class DiskCache:
     def get(self, chunk: Chunk) -> VerifiedChunk | None:
         """The chunk from disk, verified; None if absent or bad (a bad file is removed).
 
-        A file this process wrote (after the chunk's digest check) or already checked once
-        is trusted while it keeps the stamp it had then (inode, size, and the mtime set
-        here to the nanosecond): only its length is checked. Trust from a frame check
-        covers only a ``chunk`` with that frame digest (module docstring). Any other file (from an
-        earlier run, possibly torn by a power cut; replaced or rewritten since) has its
-        sha256 checked before a byte of it is used.
+        A file this process vouches for (:meth:`_Entry.vouches_for`) has only its length
+        checked; any other (an earlier run's, possibly torn; replaced since) is hashed first.
         """
         name = chunk.digest.hex()
         path = self.path(name)
@@ -445,12 +365,9 @@ class DiskCache:
 
     def get_cached(self, chunk: Chunk) -> VerifiedChunk | None:
         """The chunk, only if it needs neither a sha256 nor a disk read: a file this process
-        trusts (see :meth:`get`) whose bytes are all in the page cache (``RWF_NOWAIT``). For
-        the trio thread, where it costs a few syscalls instead of a worker thread's hand-off;
-        None (say, bytes not cached, the file changed) means: ask :meth:`get` in a thread.
-
-        The common case on a cold start: the prefetch wrote the recorded startup's chunks a
-        moment ago, more than the RAM tier holds, so reads find many of them on disk only.
+        vouches for whose bytes are all in the page cache (``RWF_NOWAIT``). For the trio
+        thread, where it saves a worker thread's hand-off (on a cold start, reads find many
+        just-prefetched chunks on disk only); None means: ask :meth:`get` in a thread.
         """
         if not _NOWAIT:
             return None
@@ -589,12 +506,12 @@ class ChunkCache:
         self.metrics = metrics or NodeMetrics()
         m = self.metrics
         with contextlib.suppress(ValueError):  # a second cache on the same metrics: first one wins
-            m.gauge("turbofs_cache_bytes", "Bytes held by each cache tier.", ["tier"], collect=self._bytes_by_tier)
-            m.gauge("turbofs_cache_chunks", "Chunks held by each cache tier.", ["tier"], collect=self._chunks_by_tier)
-            m.gauge("turbofs_cache_evictions", "Chunks evicted from each cache tier.", ["tier"],
-                    collect=self._evictions_by_tier)
-            m.gauge("turbofs_disk_cache_write_errors", "Cache files that could not be written.", [],
-                    collect=lambda: [((), float(disk.stats.write_errors if disk else 0))])
+            m.add(Gauge("turbofs_cache_bytes", "Bytes held by each cache tier.", ["tier"], self._bytes_by_tier))
+            m.add(Gauge("turbofs_cache_chunks", "Chunks held by each cache tier.", ["tier"], self._chunks_by_tier))
+            m.add(Gauge("turbofs_cache_evictions", "Chunks evicted from each cache tier.", ["tier"],
+                        self._evictions_by_tier))
+            m.add(Gauge("turbofs_disk_cache_write_errors", "Cache files that could not be written.", [],
+                        lambda: [((), float(disk.stats.write_errors if disk else 0))]))
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig, *, metrics: NodeMetrics | None = None) -> ChunkCache:
@@ -689,15 +606,15 @@ class ChunkCache:
         v = found.get(chunk.id)
         return v.data if v is not None else None
 
-    async def put(self, v: VerifiedChunk, *, ram: bool = True) -> None:
-        """Store a verified chunk on disk (if there is a disk tier) and, if ``ram``, in RAM."""
-        if ram:
-            self.ram.put(v)
-        if self.disk is not None:
-            await trio.to_thread.run_sync(self.disk.put, v)
+    # -- storing: verified chunks only
+
+    def put_ram(self, v: VerifiedChunk) -> None:
+        """Keep a chunk in the RAM tier (trio thread)."""
+        self.ram.put(v)
 
     def put_disk_blocking(self, v: VerifiedChunk) -> bool:
-        """The disk half of :meth:`put`, for code already in a worker thread."""
+        """Write a chunk to the disk tier, if there is one; False if not written. Blocking:
+        for a worker thread, such as the one that just decoded ``v``."""
         return self.disk.put(v) if self.disk is not None else False
 
 
@@ -708,7 +625,4 @@ __all__ = [
     "DiskCache",
     "DiskStats",
     "RamCache",
-    "VerifiedChunk",
-    "decode_frame",
-    "verify_data",
 ]

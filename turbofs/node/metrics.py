@@ -1,9 +1,5 @@
-"""Counters, gauges and histograms of the node daemon, rendered in Prometheus text format.
-
-A small, dependency-free implementation of the parts of the Prometheus exposition format
-(version 0.0.4) the daemon needs: ``# HELP`` and ``# TYPE`` lines, then one
-``name{label="value",...} value`` line per series; histograms as cumulative
-``_bucket{le=...}``, ``_sum`` and ``_count``. Metrics are updated from the trio thread;
+"""Counters, gauges and histograms of the node daemon, rendered in the Prometheus text
+exposition format (0.0.4) without a dependency. Metrics are updated from the trio thread;
 values owned by other threads (the disk cache's counters) are read at render time through
 collector callbacks.
 
@@ -16,16 +12,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 import httpx
 
-#: Fetch latency buckets, seconds: a local registry answers in a millisecond, a remote one
-#: in tens, a struggling one in seconds.
-LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: HTTP statuses the registry client retries (429, 5xx, timeouts): each one counted is a retry
-#: unless the client's attempts were used up.
-RETRIED_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+from turbofs.core.config import CLIENT_RETRY_STATUS, FETCH_LATENCY_BUCKETS
 
 _NAME_RE: Final = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -145,7 +136,7 @@ class Histogram(_Metric):
     kind = "histogram"
 
     def __init__(
-        self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+        self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = FETCH_LATENCY_BUCKETS
     ) -> None:
         super().__init__(name, help, labelnames)
         self.buckets = tuple(sorted(buckets))
@@ -175,39 +166,21 @@ class Histogram(_Metric):
             yield f"{_series(self.name + '_count', self.labelnames, key)} {running}"
 
 
+M = TypeVar("M", bound=_Metric)
+
+
 class Registry:
     """A set of metrics rendered together."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
 
-    def add(self, metric: _Metric) -> None:
+    def add(self, metric: M) -> M:
+        """Register ``metric`` (its name must be new) and return it."""
         if metric.name in self._metrics:
             raise ValueError(f"metric {metric.name} registered twice")
         self._metrics[metric.name] = metric
-
-    def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        m = Counter(name, help, labelnames)
-        self.add(m)
-        return m
-
-    def gauge(
-        self,
-        name: str,
-        help: str,
-        labelnames: Sequence[str] = (),
-        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
-    ) -> Gauge:
-        m = Gauge(name, help, labelnames, collect)
-        self.add(m)
-        return m
-
-    def histogram(
-        self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
-    ) -> Histogram:
-        m = Histogram(name, help, labelnames, buckets)
-        self.add(m)
-        return m
+        return metric
 
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""
@@ -223,45 +196,34 @@ class NodeMetrics(Registry):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fetch_seconds = self.histogram(
-            "turbofs_fetch_seconds", "Latency of one fetch of chunks from the chunk source.", ["kind"]
-        )
-        self.fetch_bytes = self.counter(
-            "turbofs_fetch_bytes_total", "Compressed bytes fetched from the chunk source.", ["kind"]
-        )
-        self.fetch_chunks = self.counter(
-            "turbofs_fetch_chunks_total", "Chunks fetched from the chunk source.", ["kind"]
-        )
-        self.cache_hits = self.counter("turbofs_cache_hits_total", "Chunk lookups answered by a cache tier.", ["tier"])
-        self.cache_misses = self.counter("turbofs_cache_misses_total", "Chunk lookups a cache tier could not answer.", ["tier"])
-        self.http_requests = self.counter(
-            "turbofs_registry_requests_total", "HTTP requests to the registry, by status class.", ["code"]
-        )
-        self.retries = self.counter(
+        add = self.add
+        self.fetch_seconds = add(Histogram(
+            "turbofs_fetch_seconds", "Latency of one fetch of chunks from the chunk source.", ["kind"]))
+        self.fetch_bytes = add(Counter(
+            "turbofs_fetch_bytes_total", "Compressed bytes fetched from the chunk source.", ["kind"]))
+        self.fetch_chunks = add(Counter("turbofs_fetch_chunks_total", "Chunks fetched from the chunk source.", ["kind"]))
+        self.cache_hits = add(Counter("turbofs_cache_hits_total", "Chunk lookups answered by a cache tier.", ["tier"]))
+        self.cache_misses = add(Counter(
+            "turbofs_cache_misses_total", "Chunk lookups a cache tier could not answer.", ["tier"]))
+        self.http_requests = add(Counter(
+            "turbofs_registry_requests_total", "HTTP requests to the registry, by status class.", ["code"]))
+        self.retries = add(Counter(
             "turbofs_registry_retries_total",
-            "Registry answers and connection errors the client retries (429, 5xx, timeouts, resets).",
-        )
-        self.digest_failures = self.counter(
-            "turbofs_digest_failures_total", "Chunks whose bytes did not match their digest.", ["source"]
-        )
-        self.refetches = self.counter("turbofs_refetches_total", "Chunks fetched again after a digest failure.")
-        self.errors = self.counter(
-            "turbofs_read_errors_total", "Reads that failed (each became EIO).", ["kind"]
-        )
-        self.readahead_chunks = self.counter(
-            "turbofs_readahead_chunks_total", "Chunks fetched ahead of sequential reads."
-        )
-        self.reads = self.counter("turbofs_reads_total", "Reads served.")
-        self.read_bytes = self.counter("turbofs_read_bytes_total", "Bytes returned by reads.")
-        self.read_waits = self.counter(
-            "turbofs_read_waits_total", "Reads that waited for chunks (on the disk tier or the registry).", ["on"])
-        self.read_wait_seconds = self.counter(
-            "turbofs_read_wait_seconds_total", "Seconds reads spent waiting for chunks.", ["on"])
+            "Registry answers and connection errors the client retries (429, 5xx, timeouts, resets)."))
+        self.digest_failures = add(Counter(
+            "turbofs_digest_failures_total", "Chunks whose bytes did not match their digest.", ["source"]))
+        self.refetches = add(Counter("turbofs_refetches_total", "Chunks fetched again after a digest failure."))
+        self.errors = add(Counter("turbofs_read_errors_total", "Reads that failed (each became EIO).", ["kind"]))
+        self.readahead_chunks = add(Counter("turbofs_readahead_chunks_total", "Chunks fetched ahead of sequential reads."))
+        self.reads = add(Counter("turbofs_reads_total", "Reads served."))
+        self.read_bytes = add(Counter("turbofs_read_bytes_total", "Bytes returned by reads."))
+        self.read_waits = add(Counter(
+            "turbofs_read_waits_total", "Reads that waited for chunks (on the disk tier or the registry).", ["on"]))
+        self.read_wait_seconds = add(Counter(
+            "turbofs_read_wait_seconds_total", "Seconds reads spent waiting for chunks.", ["on"]))
         self._prefetch: dict[str, Callable[[], dict[str, float]]] = {}
-        self.gauge(
-            "turbofs_prefetch", "Background prefetch of each image: chunks and compressed bytes done and total.",
-            ["image", "what"], collect=self._collect_prefetch,
-        )
+        add(Gauge("turbofs_prefetch", "Background prefetch of each image: chunks and compressed bytes done and total.",
+                  ["image", "what"], collect=self._collect_prefetch))
 
     def track_prefetch(self, image: str, figures: Callable[[], dict[str, float]]) -> None:
         """Export a prefetcher's figures (``{"chunks_done": ..., ...}``) under its image name."""
@@ -286,7 +248,7 @@ class MeteredTransport(httpx.AsyncBaseTransport):
             self.metrics.retries.inc()
             raise
         self.metrics.http_requests.inc(code=f"{resp.status_code // 100}xx")
-        if resp.status_code in RETRIED_STATUS:
+        if resp.status_code in CLIENT_RETRY_STATUS:  # retried unless the client's attempts ran out
             self.metrics.retries.inc()
         return resp
 
@@ -295,7 +257,6 @@ class MeteredTransport(httpx.AsyncBaseTransport):
 
 
 __all__ = [
-    "LATENCY_BUCKETS",
     "Counter",
     "Gauge",
     "Histogram",

@@ -1,32 +1,18 @@
-"""Background prefetch: every chunk of an image into the disk tier, in the index's order.
+"""Background prefetch of an image's chunks into the disk tier, in the index's order.
 
-Two phases. **Startup**: when the index has a recorded startup (its startup section, from
-``turbofs build --startup-trace``), those chunks come first, in the order the recorded start
-first read them, in small batches (``prefetch_startup_batch_bytes``) at full parallelism,
-into RAM as well as disk: they are predicted demand, so this phase does not yield to reads
-(reads of those chunks join its flights). **Background**: the rest of the prefetch order,
-which yields to reads (below).
+Two phases. **Startup**: a recorded startup's chunks (the index's startup section) first,
+in first-use order, in small batches at full parallelism, into RAM as well: reads will
+want them soon, so this phase does not yield to reads. **Background**: the rest of the
+prefetch order, in batches of adjacent chunks (``prefetch_batch_bytes``, mostly one range
+each), ``prefetch_parallel`` at a time, optionally capped in bandwidth, to disk only.
 
-The index's prefetch order puts first what a process start is likely to read. The
-:class:`Prefetcher` walks it in batches (consecutive chunks, up to ``prefetch_batch_bytes``
-compressed, which are mostly adjacent in one blob: one range each), with at most
-``prefetch_parallel`` batches in flight and, optionally, a bandwidth cap (a token bucket in
-compressed bytes per second). It goes through :meth:`ChunkReader.prefetch`, so it shares the
-reader's single-flight table: a chunk a read is already fetching is joined, not fetched
-twice, and chunks go to disk only (not RAM). A chunk already cached (RAM or disk) counts
-as done without a fetch.
-
-Demand reads jump the queue: prefetch fetches take their own slots (never the readers'),
-and no new background batch starts while a read waits for a chunk, nor until no read has
-waited for ``prefetch_quiet`` seconds: on one link, a read's response queues behind the
-batches' bytes (measured in bench/README.md, cold start). A failed batch (registry down,
-5xx past the client's retries) is retried after an exponential backoff with jitter, for as
-long as it takes; a chunk that is corrupt twice is counted and skipped. Prefetch stops
-once it has written ``prefetch_disk_share`` of the disk bound, since going on would evict
-the chunks it fetched first, the most useful ones.
-
-:meth:`Prefetcher.progress` gives a :class:`PrefetchProgress` for ``turbofs status``;
-:meth:`Prefetcher.wait_done` waits for the end.
+Both go through :meth:`ChunkReader.prefetch`, sharing its single-flight table. Demand
+reads jump the queue: prefetch has its own fetch slots, and no background batch starts
+while a read waits or until reads have been quiet for ``prefetch_quiet`` seconds (on one
+link a read's response would queue behind the batches). A failed batch is retried after
+an exponential backoff with jitter; a chunk corrupt twice is counted and skipped. Prefetch
+stops after writing ``prefetch_disk_share`` of the disk bound, since going on would evict
+the first chunks it fetched, the most useful ones.
 """
 
 from __future__ import annotations
@@ -39,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from turbofs.core.config import DaemonConfig
+from turbofs.core.config import PREFETCH_BATCH_EXPANSION, PREFETCH_BUCKET_BURST, DaemonConfig
 from turbofs.core.errors import DigestMismatch
 from turbofs.core.format import Chunk
 from turbofs.node.reader import ChunkReader
@@ -111,13 +97,6 @@ class TokenBucket:
             await trio.sleep(-self._tokens / self.rate)
 
 
-#: A prefetch batch holds at most this many times its compressed bound in uncompressed bytes.
-BATCH_EXPANSION = 4
-
-#: Seconds of the bandwidth cap that may be spent at once after an idle spell.
-BUCKET_BURST_SECONDS = 0.25
-
-
 class Prefetcher:
     """Prefetch of one image's chunks into the disk tier, through its reader."""
 
@@ -154,7 +133,7 @@ class Prefetcher:
         self._paused = 0
         self._backing_off = 0
         self._bucket = (
-            TokenBucket(self.cfg.prefetch_bandwidth, self.cfg.prefetch_bandwidth * BUCKET_BURST_SECONDS)
+            TokenBucket(self.cfg.prefetch_bandwidth, self.cfg.prefetch_bandwidth * PREFETCH_BUCKET_BURST)
             if self.cfg.prefetch_bandwidth
             else None
         )
@@ -242,9 +221,8 @@ class Prefetcher:
 
     def _batches(self, chunks: Sequence[Chunk], max_bytes: int) -> Iterator[list[Chunk]]:
         """Consecutive ``chunks`` not cached yet, ``max_bytes`` compressed at most per batch
-        (and ``BATCH_EXPANSION`` times that uncompressed: a batch is held decompressed
-        until its chunks are on disk, and very compressible data would otherwise make one
-        batch large in memory). Lazy: what reads cached meanwhile is skipped."""
+        and ``PREFETCH_BATCH_EXPANSION`` times that uncompressed (a batch is held
+        decompressed until on disk). Lazy: what reads cached meanwhile is skipped."""
         cache = self.reader.cache
         batch: list[Chunk] = []
         size = usize = 0
@@ -254,7 +232,7 @@ class Prefetcher:
             if cache.contains(c):
                 self._done_chunk(c, fetched=False)
                 continue
-            if batch and (size + c.clen > max_bytes or usize + c.ulen > max_bytes * BATCH_EXPANSION):
+            if batch and (size + c.clen > max_bytes or usize + c.ulen > max_bytes * PREFETCH_BATCH_EXPANSION):
                 yield batch
                 batch, size, usize = [], 0, 0
             batch.append(c)
@@ -323,4 +301,4 @@ class Prefetcher:
             batch = retry
 
 
-__all__ = ["BATCH_EXPANSION", "BUCKET_BURST_SECONDS", "PrefetchProgress", "PrefetchState", "Prefetcher", "TokenBucket"]
+__all__ = ["PrefetchProgress", "PrefetchState", "Prefetcher", "TokenBucket"]

@@ -7,8 +7,8 @@
       -> disk tier hit on a file this process trusts, all in the page cache: the same
          (``preadv(RWF_NOWAIT)``, no sha256)
       -> else join or start a *flight* for the chunk, wait (at most read_timeout):
-           disk tier (decompress + verify) or source.fetch (coalesced ranges)
-           -> decompress ONCE + sha256 check -> disk tier (+ RAM) -> every waiter
+           disk tier (verified) or source.fetch (coalesced ranges)
+           -> codec: frame check + decompress, once -> cache (disk, + RAM) -> every waiter
 
 Chunk states are explicit: ``MISSING -> FETCHING -> CACHED``, and a failed fetch goes
 back to ``MISSING`` (:class:`ChunkState`; a flight refuses any other transition).
@@ -25,8 +25,10 @@ Fetches run in the reader's own nursery, so a reader that gives up (timeout, int
 FUSE request) never cancels the fetch others wait on. Demand fetches (and readahead)
 have their own slot budget (``demand_parallel``); prefetch (:mod:`turbofs.node.prefetch`)
 has another and pauses while demand reads wait, so demand reads always jump the queue.
-Sequential reads of a file (``readahead_trigger`` in a row) fetch the next
-``readahead_chunks`` chunks ahead into RAM.
+Sequential reads of a file (``readahead_trigger`` in a row, :class:`SequentialReads`) fetch
+the next ``readahead_chunks`` chunks ahead into RAM.
+
+The presentations use the reader only through :class:`PresentationReader`.
 """
 
 from __future__ import annotations
@@ -37,25 +39,21 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 from lru import LRU
 
-from turbofs.core.config import DaemonConfig
+from turbofs.core.codec import VerifiedChunk, decode_frame
+from turbofs.core.config import READER_RECENT_FAILURE, READER_SEQ_TRACKED_FILES, DaemonConfig
 from turbofs.core.errors import DigestMismatch, FormatError
 from turbofs.core.format import Chunk, Index
-from turbofs.node.cache import ChunkCache, VerifiedChunk, decode_frame
+from turbofs.node.cache import ChunkCache
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import NodeMetrics
 from turbofs.node.source import ChunkSource
 
 log = logging.getLogger("turbofs.node.reader")
-
-#: Files whose read pattern is remembered for sequential-read detection.
-SEQ_TRACKED_FILES: Final = 4096
-#: Source failures younger than this (seconds) are named in a timeout's message.
-RECENT_FAILURE: Final = 120.0
 
 
 class FetchKind(enum.StrEnum):
@@ -121,6 +119,53 @@ class _Seq:
     ra_piece: int = -1
 
 
+class SequentialReads:
+    """The one readahead detection: which streams of reads (a file, the erofs image file)
+    go forward, so that the chunks after them are worth fetching ahead.
+
+    A read continues its stream when it starts within ``slack`` bytes of where the stream
+    ended; after ``trigger`` such reads in a row, :meth:`ahead` says yes once for each
+    ``step``-sized piece the stream's end moves into.
+    """
+
+    def __init__(self, trigger: int, tracked: int = READER_SEQ_TRACKED_FILES) -> None:
+        self.trigger = trigger
+        self._seq: LRU[int, _Seq] = LRU(tracked)
+
+    def ahead(self, key: int, offset: int, end: int, *, slack: int, step: int) -> bool:
+        """Record a read of ``[offset, end)`` of stream ``key``; True: read ahead from ``end``."""
+        st = self._seq.get(key)
+        if st is None:
+            self._seq[key] = _Seq(end)
+            return False
+        if abs(offset - st.end) <= slack:
+            st.streak += 1
+            st.end = max(st.end, end)
+        else:
+            st.streak = 0
+            st.end = end
+            return False
+        piece = end // step
+        if st.streak < self.trigger or piece <= st.ra_piece:
+            return False
+        st.ra_piece = piece
+        return True
+
+
+class PresentationReader(Protocol):
+    """The reader as the presentations (turbofs.mount) use it: nothing else of it is theirs."""
+
+    async def read(self, ino: int, offset: int, length: int) -> bytes: ...
+
+    async def read_chunks(self, chunks: Sequence[Chunk], *, ino: int | None = None) -> dict[int, bytes]: ...
+
+    def read_ahead(self, chunks: Sequence[Chunk]) -> int: ...
+
+    def in_ram(self, chunk: Chunk) -> bytes | None: ...
+
+    def subscribe_startup_chunks(self, callback: Callable[[Chunk, bytes], None]) -> Callable[[], None]: ...
+
+
 class ChunkReader:
     """File reads of one image over a chunk source and a (possibly shared) chunk cache.
 
@@ -145,7 +190,7 @@ class ChunkReader:
         self.name = name or source.name
         self._flights: dict[int, _Flight] = {}
         self._demand_slots = trio.CapacityLimiter(self.cfg.demand_parallel)
-        self._seq: LRU[int, _Seq] = LRU(SEQ_TRACKED_FILES)
+        self._seq = SequentialReads(self.cfg.readahead_trigger)
         self._demand_waiting = 0
         self._demand_idle = trio.Event()
         self._demand_idle.set()
@@ -156,9 +201,7 @@ class ChunkReader:
         self._paths: dict[int, str] | None = None
         self._last_failure: tuple[float, str] | None = None
         self._trace: dict[int, None] = {}  # chunk ids in the order reads first asked for them
-        #: Called with each chunk of a recorded startup (FetchKind.STARTUP) once it is in,
-        #: and its bytes; must not block (the erofs mode pushes them into the page cache).
-        self.on_startup_chunk: Callable[[Chunk, bytes], None] | None = None
+        self._startup_listeners: list[Callable[[Chunk, bytes], None]] = []
 
     # -- lifetime
 
@@ -219,6 +262,16 @@ class ChunkReader:
     def demand_quiet(self, quiet: float) -> bool:
         """No read waits for a chunk, and no read has come for ``quiet`` seconds."""
         return not self._demand_waiting and trio.current_time() - max(self._demand_last, self._read_last) >= quiet
+
+    def subscribe_startup_chunks(self, callback: Callable[[Chunk, bytes], None]) -> Callable[[], None]:
+        """Call ``callback(chunk, data)`` with each chunk of a recorded startup once it is in
+        (verified bytes); it must not block. Returns the function that ends the subscription."""
+        self._startup_listeners.append(callback)
+        return lambda: self._startup_listeners.remove(callback)
+
+    def in_ram(self, chunk: Chunk) -> bytes | None:
+        """The chunk's bytes if the RAM tier holds them (nothing fetched, no hit counted)."""
+        return self.cache.ram.get(chunk.digest)
 
     def path_of(self, ino: int) -> str:
         """A path of ``ino`` in the image, for messages (built on first use)."""
@@ -338,12 +391,13 @@ class ChunkReader:
                 flight.data = result.data
             elif flight.waiters:  # a read joined the prefetch: it wants the bytes, and in RAM
                 flight.data = result.data
-                self.cache.ram.put(result)
-            if flight.kind is FetchKind.STARTUP and self.on_startup_chunk is not None:
-                try:
-                    self.on_startup_chunk(flight.chunk, result.data)
-                except Exception:
-                    log.exception("%s: the startup chunk hook failed", self.name)
+                self.cache.put_ram(result)
+            if flight.kind is FetchKind.STARTUP:
+                for listener in self._startup_listeners:
+                    try:
+                        listener(flight.chunk, result.data)
+                    except Exception:
+                        log.exception("%s: a startup chunk listener failed", self.name)
         else:
             flight.move(ChunkState.MISSING)
             flight.error = result
@@ -381,18 +435,20 @@ class ChunkReader:
         rest = [c for c in chunks if c.id not in out]
         if rest:
             if kind in (FetchKind.PREFETCH, FetchKind.STARTUP):
-                out.update(await self._fetch_verified(rest, kind))
+                fetched = await self._fetch_verified(rest, kind)
             else:
                 async with self._demand_slots:
-                    out.update(await self._fetch_verified(rest, kind))
-        if ram:
-            for v in out.values():
-                if isinstance(v, VerifiedChunk):
-                    self.cache.ram.put(v)
+                    fetched = await self._fetch_verified(rest, kind)
+            if ram:  # disk hits went into RAM already
+                for v in fetched.values():
+                    if isinstance(v, VerifiedChunk):
+                        self.cache.put_ram(v)
+            out.update(fetched)
         return out
 
     def _decode_and_store(self, chunks: list[Chunk], frames: list[bytes]) -> list[VerifiedChunk | DigestMismatch]:
-        """Decompress, verify, write to disk (in a worker thread)."""
+        """Check and decode each fetched frame (the codec) and hand what passes to the disk
+        tier (the cache), in one worker-thread hop for the batch."""
         out: list[VerifiedChunk | DigestMismatch] = []
         for c, frame in zip(chunks, frames, strict=True):
             try:
@@ -480,7 +536,7 @@ class ChunkReader:
         if timeout:
             cls, kind = FetchTimeout, "timeout"
             cause = f"no data from {self.source.name} after {self.cfg.read_timeout:g} s"
-            if self._last_failure and trio.current_time() - self._last_failure[0] < RECENT_FAILURE:
+            if self._last_failure and trio.current_time() - self._last_failure[0] < READER_RECENT_FAILURE:
                 cause += f" (last failure: {self._last_failure[1]})"
             else:
                 cause += " (the fetch is still in progress)"
@@ -508,33 +564,13 @@ class ChunkReader:
         if n <= 0:
             return
         cs = self.index.chunk_size
-        st = self._seq.get(ino)
-        if st is None:
-            self._seq[ino] = _Seq(end)
+        if not self._seq.ahead(ino, offset, end, slack=cs, step=cs):
             return
-        if abs(offset - st.end) <= cs:
-            st.streak += 1
-            st.end = max(st.end, end)
-        else:
-            st.streak = 0
-            st.end = end
-            return
-        piece = end // cs
-        if st.streak < self.cfg.readahead_trigger or piece <= st.ra_piece:
-            return
-        st.ra_piece = piece
         try:
             ahead = self.index.map_range(ino, end, n * cs)
         except FormatError:
             return
-        chunks: dict[int, Chunk] = {}
-        for s in ahead:
-            c = s.chunk
-            if c is not None and c.id not in self._flights and c.digest not in self.cache.ram:
-                chunks[c.id] = c
-        if chunks:
-            self.metrics.readahead_chunks.inc(len(chunks))
-            self._start(list(chunks.values()), FetchKind.READAHEAD)
+        self.read_ahead(list({s.chunk.id: s.chunk for s in ahead if s.chunk is not None}.values()))
 
 
-__all__ = ["ChunkReader", "ChunkState", "FetchKind", "IllegalTransition"]
+__all__ = ["ChunkReader", "ChunkState", "FetchKind", "IllegalTransition", "PresentationReader", "SequentialReads"]

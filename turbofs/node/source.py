@@ -6,28 +6,29 @@ checks each against its digest). Two implementations:
 
 * :class:`RegistrySource`: chunks adjacent in the same blob become one byte range, and the
   ranges go out through :meth:`RegistryClient.get_ranges` (one batched request to a turbofs
-  registry, parallel ``Range`` GETs to any other; retries with backoff and jitter).
+  registry, parallel ``Range`` GETs to any other).
 * :class:`LayoutSource`: reads the chunk blobs of a local turbo OCI layout (``turbofs mount
   ./layout``), in a worker thread.
 
-:func:`open_image` opens a reference for mounting: it fetches only the manifest (an image
-index resolved to the host platform), the config and the index blob, all verified, and
-returns them with the source for the chunks.
+:func:`open_image` opens a reference for mounting: it fetches only the manifest and config
+(through the client's resolver) and the index blob, all verified, and returns them with the
+source for the chunks.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import httpx
 import trio
 
 from turbofs.core import format as fmt
-from turbofs.core import oci
+from turbofs.core.config import CLIENT_PARALLEL
 from turbofs.core.errors import FormatError, NotFound, UsageError
 from turbofs.core.image import (
+    ImageConfig,
     LayoutImage,
     TurboManifest,
     load_index,
@@ -37,11 +38,6 @@ from turbofs.core.image import (
 from turbofs.core.oci import split_local_ref
 from turbofs.core.registry import Reference, RegistryClient
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
-
-#: Parallel Range GETs per fetch to a registry without the batch extension.
-RANGE_PARALLEL: Final = 8
-#: Nested image indexes followed at most.
-MAX_CONFIG_SIZE: Final = 8 << 20
 
 
 @runtime_checkable
@@ -104,7 +100,7 @@ class RegistrySource:
         *,
         name: str | None = None,
         owns_client: bool = False,
-        parallel: int = RANGE_PARALLEL,
+        parallel: int = CLIENT_PARALLEL,
     ) -> None:
         self.client = client
         self.repo = repo
@@ -185,13 +181,6 @@ class OpenedImage(NamedTuple):
     source: ChunkSource
 
 
-async def _resolve_manifest(
-    client: RegistryClient, ref: Reference, platform: str | None
-) -> TurboManifest:
-    raw, _media_type, digest, _obj = await client.get_image_manifest(ref.repository, ref.reference, platform)
-    return parse_manifest(raw, digest)
-
-
 async def open_image(
     ref: str,
     *,
@@ -230,25 +219,32 @@ async def open_image(
         if metrics is not None:
             transport = MeteredTransport(transport or httpx.AsyncHTTPTransport(), metrics)
         client = RegistryClient(reference.registry, scheme=scheme, auth=auth, transport=transport, **client_options)
+    repo = reference.repository
     try:
-        manifest = await _resolve_manifest(client, reference, platform)
-        repo = reference.repository
-        got: dict[str, bytes] = {}
+        found = await client.get_image_manifest(repo, reference.reference, platform)
+        manifest = parse_manifest(found.raw, found.digest)
+        config: ImageConfig | None = None
+        index_raw = b""
 
-        async def blob(key: str, digest: str, limit: int) -> None:
-            got[key] = await client.get_blob(repo, digest, max_size=limit)
+        async def get_config() -> None:
+            nonlocal config
+            config = await client.get_config(repo, found)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(blob, "config", manifest.config.digest, MAX_CONFIG_SIZE)
-            nursery.start_soon(blob, "index", manifest.index.digest, manifest.index.size)
-        config = oci.parse_json(got["config"], f"image config {manifest.config.digest}")
-        index = await trio.to_thread.run_sync(load_index, manifest, got["index"])
+        async def get_index() -> None:
+            nonlocal index_raw
+            index_raw = await client.get_blob(repo, manifest.index.digest, max_size=manifest.index.size)
+
+        async with trio.open_nursery() as nursery:  # both at once: one round trip less before the mount
+            nursery.start_soon(get_config)
+            nursery.start_soon(get_index)
+        assert config is not None
+        index = await trio.to_thread.run_sync(load_index, manifest, index_raw)
     except BaseException:
         if owns:
             await client.aclose()
         raise
     name = f"{reference.registry}/{repo}@{manifest.digest}"
-    return OpenedImage(manifest, config, index, RegistrySource(client, repo, index, name=name, owns_client=owns))
+    return OpenedImage(manifest, config.obj, index, RegistrySource(client, repo, index, name=name, owns_client=owns))
 
 
 __all__ = [

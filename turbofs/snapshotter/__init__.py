@@ -27,8 +27,7 @@ if TYPE_CHECKING:
     from turbofs.snapshotter.service import SnapshotterServer, serve
 
 #: Where each name lives. Imported on first use: ``turbofs pull`` and ``run`` need only
-#: ``labels`` and ``remote``, not the server, the store or the layer applier (whose
-#: imports took ~75 ms of the ~0.2 s that ``turbofs run`` spent importing).
+#: ``labels`` and ``remote``, not the server, the store or the layer applier.
 _WHERE = {
     "Mount": "core", "Snapshotter": "core", "Usage": "core",
     "Resolver": "remote", "TurboImage": "remote", "fetch_image": "remote",

@@ -6,12 +6,12 @@ whiteouts), so a layer applied here is the same directory a plain pull through t
 snapshotter would have made. The snapshotter uses it to turn a placeholder into a real
 layer (:meth:`turbofs.snapshotter.core.Snapshotter._materialize`).
 
-* Regular files, directories, symlinks, hard links (to a file of the same layer only),
-  character and block devices and fifos, with mode (set-id and sticky bits too), owner,
-  mtime and extended attributes (pax ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``; not
-  ``trusted.*``, which containerd never takes from a layer either: ``trusted.overlay.*``
-  would change how overlayfs reads it); directory mtimes are set last, so that what is
-  created in them does not change them.
+* Regular files, directories, symlinks, hard links (to a file of the same layer only; the
+  inode keeps its metadata, as in the builder and umoci, where containerd applies the link
+  entry's), character and block devices and fifos, with mode (set-id and sticky bits too), owner,
+  mtime and extended attributes (:func:`turbofs.core.fstree.pax_xattrs`: never
+  ``trusted.*``); directory mtimes are set last, so that what is created in them does not
+  change them.
 * ``.wh.NAME`` becomes a character device 0/0 named ``NAME`` (overlayfs's whiteout), with
   the whiteout entry's owner; ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its
   directory; other ``.wh..wh.*`` names (aufs metadata) are skipped.
@@ -24,8 +24,8 @@ layer (:meth:`turbofs.snapshotter.core.Snapshotter._materialize`).
   (mode, owner, times, xattrs other than ``trusted.*``), or 0755 root with the current time.
 * An entry replaces what the layer put at its path before, except a directory over a
   directory, which keeps its content and takes the new metadata.
-* Symlinks in the parent path of an entry are followed inside the root only (an absolute or
-  ``..`` target cannot lead out). Entry names that are absolute or contain ``..``, hard link
+* Symlinks in the parent path of an entry are followed inside the root only
+  (:func:`turbofs.core.fstree.resolve`). Entry names that are absolute or contain ``..``, hard link
   targets outside the layer and entries below a non-directory are refused with
   :class:`~turbofs.core.errors.UnsafeEntry`.
 * The entry for the root directory itself is ignored, as containerd does.
@@ -39,36 +39,35 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
-from base64 import b64decode
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-from urllib.parse import unquote_to_bytes
 
-from index_builder.tree import classify, show, split_path
-from turbofs.core.config import DEFAULT_PATH_MAX
+from turbofs.core.config import DEFAULT_PATH_MAX, LAYER_READ_BLOCK
 from turbofs.core.errors import UnsafeEntry
+from turbofs.core.fstree import (
+    classify,
+    keep_xattr,
+    pax_xattrs,
+    resolve,
+    show,
+    split_path,
+    whited_name,
+)
 from turbofs.core.tar import TarEntry, TarReader
 
 log = logging.getLogger("turbofs.snapshotter")
 
-WHITEOUT_PREFIX: Final = b".wh."
 OPAQUE_XATTR: Final = "trusted.overlay.opaque"
-_TRUSTED_PREFIX: Final = b"trusted."
-_SCHILY: Final = b"SCHILY.xattr."
-_LIBARCHIVE: Final = b"LIBARCHIVE.xattr."
-_MAX_LINKS: Final = 255  # symlinks followed while resolving one path
-_PIECE: Final = 1 << 20
 
 
 @dataclass
 class ApplyStats:
     entries: int = 0
-    files: int = 0
     whiteouts: int = 0
-    opaque: int = 0
     bytes: int = 0
 
 
@@ -76,60 +75,24 @@ def _join(base: bytes, parts: Sequence[bytes]) -> bytes:
     return base + b"".join(b"/" + p for p in parts)
 
 
+def _fs_child(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name
+
+
+def _fs_link(path: bytes) -> bytes | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+
+
 def root_path(root: bytes, parts: Sequence[bytes], what: str) -> tuple[bytes, ...]:
     """The components of ``parts`` below ``root`` with every symlink that exists resolved
-    inside ``root`` (an absolute target starts again at ``root``, ``..`` stops at it)."""
-    resolved: list[bytes] = []
-    todo = list(reversed(parts))
-    links = 0
-    while todo:
-        part = todo.pop()
-        if part in (b"", b"."):
-            continue
-        if part == b"..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = _join(root, [*resolved, part])
-        try:
-            st = os.lstat(candidate)
-        except (FileNotFoundError, NotADirectoryError):
-            resolved.append(part)
-            continue
-        if not stat.S_ISLNK(st.st_mode):
-            resolved.append(part)
-            continue
-        links += 1
-        if links > _MAX_LINKS:
-            raise UnsafeEntry(f"{what}: more than {_MAX_LINKS} symlinks in its path (a loop?)")
-        target = os.readlink(candidate)
-        if target.startswith(b"/"):
-            resolved = []
-        todo.extend(reversed(target.split(b"/")))
-    return tuple(resolved)
-
-
-def _xattrs(entry: TarEntry, what: str) -> dict[bytes, bytes]:
-    out: dict[bytes, bytes] = {}
-    for key, value in entry.pax.items():
-        if key.startswith(_SCHILY):
-            name = key[len(_SCHILY):]
-        elif key.startswith(_LIBARCHIVE):
-            try:
-                name = unquote_to_bytes(key[len(_LIBARCHIVE):])
-                value = b64decode(value + b"=" * (-len(value) % 4))
-            except ValueError:
-                raise UnsafeEntry(f"{what}: invalid {key.decode(errors='replace')} record") from None
-        else:
-            continue
-        if name.startswith(_TRUSTED_PREFIX):
-            # as containerd: trusted.overlay.* would change how overlayfs reads the layer
-            # (only the whiteout rules may), and trusted.* is the host's, not an image's
-            log.debug("%s: xattr %s not set (trusted.* is never taken from a layer)", what, name.decode(errors="replace"))
-            continue
-        if name:
-            out[name] = value
-    return out
+    inside ``root``."""
+    found = resolve(root, parts, _fs_child, _fs_link, what)
+    assert found is not None  # _fs_child always gives a path
+    return found[0]
 
 
 class LayerApplier:
@@ -175,10 +138,9 @@ class LayerApplier:
             self._mkparent(pparts, what)
         if special == "opaque":
             os.setxattr(parent, OPAQUE_XATTR, b"y", follow_symlinks=False)
-            self.stats.opaque += 1
             return
         if special == "whiteout":
-            self._whiteout(parent + b"/" + parts[-1][len(WHITEOUT_PREFIX):], e, what)
+            self._whiteout(parent + b"/" + whited_name(parts), e, what)
             return
         path = parent + b"/" + parts[-1]
         was_whited = path in self._whited
@@ -196,7 +158,6 @@ class LayerApplier:
                 os.mkdir(path, 0o700)
             if was_whited:  # this layer removed the lower directory, then made its own
                 os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
-                self.stats.opaque += 1
         elif e.type == "hardlink":
             self._hardlink(path, e, what)
         elif e.type == "symlink":
@@ -209,14 +170,15 @@ class LayerApplier:
         else:  # pragma: no cover - the tar reader knows no other types
             raise UnsafeEntry(f"{what}: unsupported entry type {e.type}")
         self._made.add(path)
-        self._metadata(path, e, what)
+        if e.type != "hardlink":  # a new name keeps the inode's metadata (a chown would drop capabilities)
+            self._metadata(path, e, what)
 
     def _file(self, path: bytes, e: TarEntry, tar: TarReader) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             left = e.size
             while left > 0:
-                data = tar.read(min(left, _PIECE))
+                data = tar.read(min(left, LAYER_READ_BLOCK))
                 if not data:
                     break
                 view = memoryview(data)
@@ -225,7 +187,6 @@ class LayerApplier:
                 left -= len(data)
         finally:
             os.close(fd)
-        self.stats.files += 1
         self.stats.bytes += e.size
 
     def _hardlink(self, path: bytes, e: TarEntry, what: str) -> None:
@@ -257,8 +218,8 @@ class LayerApplier:
 
     def _metadata(self, path: bytes, e: TarEntry, what: str) -> None:
         os.chown(path, e.uid, e.gid, follow_symlinks=False)
-        is_link = e.type == "symlink" or (e.type == "hardlink" and os.path.islink(path))
-        for name, value in _xattrs(e, what).items():
+        is_link = e.type == "symlink"
+        for name, value in pax_xattrs(e.pax, what):
             try:
                 os.setxattr(path, name, value, follow_symlinks=False)
             except OSError as exc:
@@ -300,7 +261,7 @@ class LayerApplier:
             os.chown(path, lst.st_uid, lst.st_gid, follow_symlinks=False)
             os.chmod(path, stat.S_IMODE(lst.st_mode))
             for name in os.listxattr(lpath, follow_symlinks=False):
-                if not name.startswith("trusted."):
+                if keep_xattr(os.fsencode(name)):
                     os.setxattr(path, name, os.getxattr(lpath, name, follow_symlinks=False), follow_symlinks=False)
             os.utime(path, ns=(lst.st_atime_ns, lst.st_mtime_ns), follow_symlinks=False)
             return
@@ -308,8 +269,6 @@ class LayerApplier:
 
 def _remove(path: bytes) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
-        import shutil
-
         shutil.rmtree(path)
     else:
         os.unlink(path)

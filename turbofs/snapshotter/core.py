@@ -57,8 +57,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
+from turbofs.core.config import SNAPSHOTTER_MAX_LAYER_SIZE
 from turbofs.core.errors import NotFound, SourceError, UsageError
 from turbofs.core.layers import LayerStream
 from turbofs.core.tar import TarError, TarReader
@@ -73,8 +73,6 @@ from turbofs.snapshotter.store import ACTIVE, COMMITTED, VIEW, MountRecord, Snap
 log = logging.getLogger("turbofs.snapshotter")
 
 _OVERLAY_INDEX_PARAM = Path("/sys/module/overlay/parameters/index")
-#: Uncompressed bytes of one layer a placeholder may become (a decompression bomb stops here).
-MAX_LAYER_SIZE: Final = 64 << 30
 
 
 def _syncfs(path: Path) -> None:
@@ -289,12 +287,7 @@ class Snapshotter:
                 assert existing.image is not None
                 self.ensure_mount(existing.image)
             raise AlreadyExists(f"target snapshot {target}: {existing.remote} of turbo image {existing.labels.get(L.REMOTE_IMAGE)}")
-        if parent:
-            p = self.store.get(parent)
-            if p is None:
-                raise NotFound(f"parent snapshot {parent} does not exist")
-            if p.kind != COMMITTED:
-                raise FailedPrecondition(f"parent snapshot {parent} is not committed")
+        self._check_parent(parent)
         new_labels = {k: v for k, v in labels.items() if k.startswith("containerd.io/snapshot")}
         new_labels.update({L.TARGET: target, L.REMOTE: role, L.REMOTE_IMAGE: img.pinned})
         with self._image_lock(img.manifest_digest):  # no release of the mount in between
@@ -376,7 +369,7 @@ class Snapshotter:
         with open(blob.path, "rb") as f:
             # the blob's digest was checked as it was downloaded; the diff ID is checked here
             stream = LayerStream(f, name=blob.digest, compression=blob.compression, digest=None, size=None,
-                                 diff_id=blob.diff_id, max_size=MAX_LAYER_SIZE)
+                                 diff_id=blob.diff_id, max_size=SNAPSHOTTER_MAX_LAYER_SIZE)
             try:
                 try:
                     stats = LayerApplier(tmp / "fs", parents, what=f"layer {blob.digest}").apply(TarReader(stream.next_piece))
@@ -410,12 +403,7 @@ class Snapshotter:
                 self._prepare_remote(img, key, target, parent, labels)
         if self.store.get(key) is not None:
             raise AlreadyExists(f"snapshot {key} already exists")
-        if parent:
-            p = self.store.get(parent)
-            if p is None:
-                raise NotFound(f"parent snapshot {parent} does not exist")
-            if p.kind != COMMITTED:
-                raise FailedPrecondition(f"parent snapshot {parent} is not committed")
+        self._check_parent(parent)
         self._lowers(parent)  # a placeholder parent fails here, before anything is made
         try:
             with self.store.transaction() as db:
@@ -591,6 +579,16 @@ class Snapshotter:
         thread = threading.Thread(target=remount, name="remount", daemon=True)
         thread.start()
         return thread
+
+    def _check_parent(self, parent: str) -> None:
+        """Raise unless ``parent`` is empty or names a committed snapshot."""
+        if not parent:
+            return
+        p = self.store.get(parent)
+        if p is None:
+            raise NotFound(f"parent snapshot {parent} does not exist")
+        if p.kind != COMMITTED:
+            raise FailedPrecondition(f"parent snapshot {parent} is not committed")
 
     def _get(self, key: str) -> Snapshot:
         if not key:

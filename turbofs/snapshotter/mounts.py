@@ -19,21 +19,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Protocol
 
-from turbofs.core.config import DaemonConfig
+from turbofs.core.config import SPARE_REFILL_DELAY, UNMOUNT_WAIT, DaemonConfig
 from turbofs.core.errors import TurboError
 from turbofs.mount import ctl as mountctl
 from turbofs.snapshotter.errors import MountFailed
 
 log = logging.getLogger("turbofs.snapshotter")
-
-#: Seconds an unmount waits for the daemon to exit by itself before it gets SIGTERM.
-UNMOUNT_WAIT: Final = 3.0
-#: Seconds after a spare daemon was used before the next one starts: its start (the
-#: interpreter and imports, ~0.2 s of CPU) then does not compete with the container that
-#: the mount was for, which is starting right then.
-SPARE_REFILL_DELAY: Final = 10.0
 
 
 class Mounter(Protocol):
@@ -51,13 +44,12 @@ class Mounter(Protocol):
 
 
 class DaemonMounter:
-    """``turbofs mount`` daemons (:func:`turbofs.node.mountctl.mount_background`).
+    """``turbofs mount`` daemons (:func:`turbofs.mount.ctl.mount_background`).
 
     With ``spare`` (the default) it keeps one daemon process started ahead of need
     (:class:`turbofs.mount.ctl.SpareDaemon`: interpreter up, modules imported) and hands the
     next mount to it, which takes the daemon's own start off the way from a Prepare to a
-    ready mount; the next spare starts ``spare_delay`` seconds later. An idle spare costs
-    one process of ~35 MB resident (23 MB of it not shared; measured here).
+    ready mount; the next spare starts ``spare_delay`` seconds later (a timer thread).
     """
 
     def __init__(self, run_dir: Path, daemon_cfg: DaemonConfig, config_path: Path | None = None, *,
@@ -115,12 +107,17 @@ class DaemonMounter:
         """Collect the exit status of our daemons that have exited."""
         with self._lock:
             for pid in list(self._children):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    self._children.discard(pid)
+                self._reaped(pid)
+
+    def _reaped(self, pid: int) -> bool:
+        """Whether our daemon ``pid`` has exited, collecting its status (hold ``_lock``)."""
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            self._children.discard(pid)
+        return bool(done)
 
     def _pid(self, mountpoint: Path) -> int | None:
         try:
@@ -182,15 +179,7 @@ class DaemonMounter:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if pid in self._children:
-                    try:
-                        done, _ = os.waitpid(pid, os.WNOHANG)
-                    except ChildProcessError:
-                        done = pid
-                    if done:
-                        self._children.discard(pid)
-                        return True
-                elif not _running(pid):
+                if self._reaped(pid) if pid in self._children else not _running(pid):
                     return True
             if time.monotonic() > deadline:
                 return False

@@ -1,14 +1,17 @@
 """Which turbo image a snapshot stands for: from ``turbofs pull``'s labels, or from the
 labels containerd's CRI plugin passes.
 
-:func:`fetch_image` reads a turbo image's manifest (an image index resolved to the host
-platform) and config from its registry, verified, and computes the image's chain IDs from
-the config's ``rootfs.diff_ids``. It never reads the index or any chunk: that is the mount's
-job. :class:`Resolver` adds a cache (a manifest digest names immutable bytes) and the CRI
-rules: the image CRI pulls is used if it is a turbo image; a plain image is used through its
-turbo twin, the same repository with the tag plus ``turbo_tag_suffix`` (what
-``turbofs serve --auto-convert`` writes), when that twin was converted from this very
-manifest (annotation ``io.turbofs.source.manifest``) or carries the very same config.
+:func:`fetch_image` reads a turbo image's manifest and config through the registry client's
+resolver (:meth:`RegistryClient.get_image_manifest`, :meth:`RegistryClient.get_config`) and
+computes the image's chain IDs from the config's ``rootfs.diff_ids``; the index and the chunks
+are the mount's job. :class:`Resolver` adds a cache (a manifest digest names immutable bytes)
+and the CRI rules: the image CRI pulls is used if it is a turbo image; a plain image is used
+through its turbo twin, the same repository with the tag plus ``turbo_tag_suffix`` (what
+``turbofs serve --auto-convert`` writes), when that twin was converted from this very manifest
+(annotation ``io.turbofs.source.manifest``) or carries the very same config.
+
+The snapshotter's gRPC worker threads meet the async registry client in one place only:
+:func:`run_registry_call`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import stat
 import threading
 import time
@@ -26,37 +28,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import anyio
+import trio
 
 from turbofs.core import oci
-from turbofs.core.errors import (
-    DigestMismatch,
-    FormatError,
-    NotFound,
-    SourceError,
-    TurboError,
-    UsageError,
+from turbofs.core.config import (
+    CLIENT_RETRIES,
+    CLIENT_TIMEOUT,
+    DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES,
+    DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT,
+    DEFAULT_TURBO_TAG_SUFFIX,
+    LAYER_DOWNLOAD_PARALLEL,
+    LAYER_DOWNLOAD_PIECE,
+    RESOLVER_CACHE_ENTRIES,
+    RESOLVER_NEGATIVE_TTL,
 )
-from turbofs.core.image import is_turbo_manifest, load_index, parse_manifest
+from turbofs.core.errors import FormatError, NotFound, SourceError, TurboError, UsageError
+from turbofs.core.image import ImageManifest, is_turbo_manifest, load_index, parse_manifest
 from turbofs.core.registry import Reference, RegistryClient
 from turbofs.snapshotter import labels as L
 from turbofs.snapshotter.labels import chain_ids
 
 log = logging.getLogger("turbofs.snapshotter")
 
-MAX_CONFIG_SIZE: Final = 8 << 20
-CACHE_ENTRIES: Final = 256
-#: How long "no turbo image for this CRI image" (or a failed lookup) is remembered: a twin
-#: that ``--auto-convert`` is still converting shows up after this at the latest, and a
-#: registry that is down is not asked again for every layer.
-NEGATIVE_TTL: Final = 60.0
 #: Where containerd sends requests for images named ``docker.io/...``.
 DOCKER_HUB: Final = "registry-1.docker.io"
-#: A layer blob is downloaded in ranges of this many bytes, this many at a time.
-LAYER_PIECE: Final = 8 << 20
-LAYER_PARALLEL: Final = 4
 
 T = TypeVar("T")
+
+
+def run_registry_call(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` (a coroutine function using the registry client) to completion on trio in
+    the calling thread, and return its result: how blocking code (gRPC worker threads,
+    ``turbofs pull``) calls the async client."""
+    return trio.run(fn)
 
 
 @dataclass(frozen=True)
@@ -92,41 +96,20 @@ class TurboImage:
         return conf if isinstance(conf, dict) else {}
 
 
-def _diff_ids(config: dict[str, Any], what: str) -> tuple[str, ...]:
-    rootfs = config.get("rootfs")
-    diffs = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diffs, list) or not diffs or not all(isinstance(d, str) for d in diffs):
-        raise FormatError(f"{what}: rootfs.diff_ids is missing or empty")
-    for d in diffs:
-        try:
-            oci.check_digest(d)
-        except FormatError as exc:
-            raise FormatError(f"{what}: rootfs.diff_ids: {exc}") from None
-    return tuple(diffs)
-
-
-async def _resolve(client: RegistryClient, ref: Reference, reference: str, platform: str | None) -> tuple[bytes, str, str, dict[str, Any]]:
-    """(bytes, media type, digest, parsed) of the image manifest for this platform."""
-    return await client.get_image_manifest(ref.repository, reference, platform)
-
-
-async def _fetch(
-    client: RegistryClient, ref: Reference, reference: str, platform: str | None, *, require_turbo: bool
+async def _turbo_image(
+    client: RegistryClient, ref: Reference, manifest: ImageManifest, *, require_turbo: bool
 ) -> TurboImage | None:
-    raw, media_type, digest, obj = await _resolve(client, ref, reference, platform)
-    where = f"{ref.registry}/{ref.repository}@{digest}"
-    if not is_turbo_manifest(obj):
+    """The turbo image of ``manifest`` (its config fetched and checked), or None for a plain
+    image unless ``require_turbo``."""
+    if not is_turbo_manifest(manifest.obj):
         if require_turbo:
-            raise FormatError(f"{where} is not a turbo image (its first layer is not a turbofs index); "
+            raise FormatError(f"{manifest.where} is not a turbo image (its first layer is not a turbofs index); "
                               "convert it with 'turbofs push', or pull it with 'ctr images pull'")
         return None
-    manifest = parse_manifest(raw, digest)
-    config_raw = await client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG_SIZE)
-    config = oci.parse_json(config_raw, f"image config {manifest.config.digest} of {where}")
-    return TurboImage(
-        ref, digest, raw, media_type, manifest.config.digest, manifest.config.media_type,
-        config_raw, _diff_ids(config, f"image config {manifest.config.digest} of {where}"),
-    )
+    parse_manifest(manifest.raw, manifest.digest)  # the turbo image's own rules
+    config = await client.get_config(ref.repository, manifest)
+    return TurboImage(ref, manifest.digest, manifest.raw, manifest.media_type, config.digest, config.media_type,
+                      config.raw, config.diff_ids)
 
 
 def _client(ref: Reference, scheme: str | None, retries: int, timeout: float) -> RegistryClient:
@@ -135,18 +118,14 @@ def _client(ref: Reference, scheme: str | None, retries: int, timeout: float) ->
     return RegistryClient(ref.registry, scheme=scheme, auth=auth_for_registry(ref.registry), retries=retries, timeout=timeout)
 
 
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    return anyio.run(fn)
-
-
 def fetch_image(
     ref: str,
     *,
     manifest_digest: str | None = None,
     scheme: str | None = None,
     platform: str | None = None,
-    retries: int = 5,
-    timeout: float = 60.0,
+    retries: int = CLIENT_RETRIES,
+    timeout: float = CLIENT_TIMEOUT,
 ) -> TurboImage:
     """The turbo image ``ref`` names (pinned to ``manifest_digest`` if given). Blocking.
 
@@ -165,14 +144,17 @@ def fetch_image(
 
     async def go() -> TurboImage:
         async with _client(reference, scheme, retries, timeout) as client:
-            img = await _fetch(client, reference, manifest_digest or reference.reference, platform, require_turbo=True)
+            manifest = await client.get_image_manifest(reference.repository, manifest_digest or reference.reference, platform)
+            img = await _turbo_image(client, reference, manifest, require_turbo=True)
             assert img is not None
-            return TurboImage(**{**img.__dict__, "scheme": scheme})
+            return dataclasses.replace(img, scheme=scheme)
 
-    return _run(go)
+    return run_registry_call(go)
 
 
-def presented(img: TurboImage, *, retries: int = 2, timeout: float = 60.0) -> tuple[int, int]:
+def presented(
+    img: TurboImage, *, retries: int = DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES, timeout: float = CLIENT_TIMEOUT
+) -> tuple[int, int]:
     """What the turbo image ``img`` presents once mounted, from its index (fetched from the
     registry and verified): (bytes, inodes) -- the apparent size of its regular files, each
     inode once (hardlinks share an inode in the index), and its number of inodes. Blocking."""
@@ -182,7 +164,7 @@ def presented(img: TurboImage, *, retries: int = 2, timeout: float = 60.0) -> tu
         async with _client(img.reference, img.scheme, retries, timeout) as client:
             return await client.get_blob(img.reference.repository, manifest.index.digest, max_size=manifest.index.size)
 
-    index = load_index(manifest, _run(go))
+    index = load_index(manifest, run_registry_call(go))
     size = 0
     for ino in range(index.n_inodes):
         node = index.inode(ino)
@@ -235,12 +217,10 @@ async def _layer_descriptor(client: RegistryClient, ref: Reference, src: LayerSo
     """The descriptor and diff ID of ``src``'s layer, from the image's manifest and config:
     the position whose chain ID is ``src.chain_id``."""
     assert src.manifest_digest is not None
-    _, _, digest, obj = await client.get_image_manifest(ref.repository, src.manifest_digest)
-    where = f"manifest {ref.registry}/{ref.repository}@{digest}"
-    layers = [oci.Descriptor.from_json(d, where) for d in obj.get("layers") or []]
-    config_desc = oci.Descriptor.from_json(obj.get("config"), where)
-    config_raw = await client.get_blob(ref.repository, config_desc.digest, max_size=MAX_CONFIG_SIZE)
-    diffs = _diff_ids(oci.parse_json(config_raw, f"image config {config_desc.digest}"), f"image config {config_desc.digest}")
+    manifest = await client.get_image_manifest(ref.repository, src.manifest_digest)
+    where = f"manifest {manifest.where}"
+    layers = manifest.layers
+    diffs = (await client.get_config(ref.repository, manifest)).diff_ids
     if len(diffs) != len(layers):
         raise FormatError(f"{where}: {len(layers)} layers but its config has {len(diffs)} diff_ids")
     chain = chain_ids(diffs)
@@ -253,29 +233,12 @@ async def _layer_descriptor(client: RegistryClient, ref: Reference, src: LayerSo
     raise FormatError(f"{where}: no layer {src.layer_digest} with chain ID {src.chain_id}")
 
 
-async def _download(client: RegistryClient, repo: str, digest: str, size: int, dest: Path) -> None:
-    """Blob ``digest`` of ``size`` bytes into ``dest``, in parallel ranges, hashed as written;
-    raises DigestMismatch (and leaves ``dest`` to the caller) if the bytes are not the blob."""
-    h = oci.hasher(digest)
-    step = LAYER_PIECE * LAYER_PARALLEL
-    with open(dest, "wb") as out:
-        for start in range(0, size, step):
-            ranges = [(digest, off, min(LAYER_PIECE, size - off)) for off in range(start, min(size, start + step), LAYER_PIECE)]
-            for piece in await client.get_ranges(repo, ranges, parallel=LAYER_PARALLEL):
-                h.update(piece)
-                out.write(piece)
-        out.flush()
-        os.fsync(out.fileno())
-    actual = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
-    if actual != digest:
-        raise DigestMismatch(f"blob {digest} from {client.registry}/{repo}: content has digest {actual}")
-
-
 class Resolver:
     """Turbo images by reference, for the snapshotter: cached, with the CRI twin rule."""
 
-    def __init__(self, *, plain_http: list[str] | None = None, retries: int = 2, timeout: float = 30.0,
-                 turbo_tag_suffix: str = "-turbo") -> None:
+    def __init__(self, *, plain_http: list[str] | None = None, retries: int = DEFAULT_SNAPSHOTTER_REGISTRY_RETRIES,
+                 timeout: float = DEFAULT_SNAPSHOTTER_REGISTRY_TIMEOUT,
+                 turbo_tag_suffix: str = DEFAULT_TURBO_TAG_SUFFIX) -> None:
         self.plain_http = set(plain_http or [])
         self.retries = retries
         self.timeout = timeout
@@ -289,9 +252,9 @@ class Resolver:
     def _remember(self, key: tuple[str, str, str], value: TurboImage | None) -> None:
         """Cache a result: a turbo image (named by digest: for good) or None (for a while)."""
         with self._lock:
-            self._cache[key] = (value, time.monotonic() + (NEGATIVE_TTL if value is None else float("inf")))
+            self._cache[key] = (value, time.monotonic() + (RESOLVER_NEGATIVE_TTL if value is None else float("inf")))
             self._cache.move_to_end(key)
-            while len(self._cache) > CACHE_ENTRIES:
+            while len(self._cache) > RESOLVER_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
 
     def _cached(self, key: tuple[str, str, str]) -> tuple[bool, TurboImage | None]:
@@ -337,13 +300,14 @@ class Resolver:
             async with _client(reference, self.scheme(reference.registry), self.retries, self.timeout) as client:
                 if src.manifest_digest is not None:
                     desc, diff_id = await _layer_descriptor(client, reference, src)
-                    await _download(client, reference.repository, desc.digest, desc.size, dest)
+                    await client.download_blob(reference.repository, desc.digest, desc.size, dest,
+                                               piece=LAYER_DOWNLOAD_PIECE, parallel=LAYER_DOWNLOAD_PARALLEL)
                     return LayerBlob(dest, desc.digest, desc.size, oci.LAYER_COMPRESSION[desc.media_type], diff_id)
                 data = await client.get_blob(reference.repository, src.layer_digest)  # verified
                 dest.write_bytes(data)
                 return LayerBlob(dest, src.layer_digest, len(data), None, None)
 
-        return _run(go)
+        return run_registry_call(go)
 
     def for_cri(self, ref: str, manifest_digest: str) -> TurboImage | None:
         """The turbo image to mount for the plain or turbo image CRI pulls, or None."""
@@ -362,36 +326,37 @@ class Resolver:
 
         async def go() -> TurboImage | None:
             async with _client(reference, scheme, self.retries, self.timeout) as client:
-                _, _, digest, obj = await _resolve(client, reference, manifest_digest, None)
-                if is_turbo_manifest(obj):
-                    return await _fetch(client, reference, digest, None, require_turbo=True)
+                pulled = await client.get_image_manifest(reference.repository, manifest_digest)
+                if is_turbo_manifest(pulled.obj):
+                    return await _turbo_image(client, reference, pulled, require_turbo=True)
                 if not reference.tag:
                     return None
                 twin_tag = reference.tag + self.suffix
                 try:
-                    twin = await _fetch(client, reference, twin_tag, None, require_turbo=False)
+                    twin_manifest = await client.get_image_manifest(reference.repository, twin_tag)
                 except NotFound:
                     return None
+                twin = await _turbo_image(client, reference, twin_manifest, require_turbo=False)
                 if twin is None:
                     return None
-                plain_config = oci.Descriptor.from_json(obj.get("config"), f"manifest {digest}").digest
                 source = json.loads(twin.manifest).get("annotations", {}).get(oci.ANN_TURBO_SOURCE)
-                if source != digest and twin.config_digest != plain_config:
-                    log.info("%s:%s is not a conversion of %s@%s: ordinary unpack", reference.repository, twin_tag, ref, digest)
+                if source != pulled.digest and twin.config_digest != pulled.config.digest:
+                    log.info("%s:%s is not a conversion of %s@%s: ordinary unpack",
+                             reference.repository, twin_tag, ref, pulled.digest)
                     return None
                 return twin
 
         try:
-            img = _run(go)
+            img = run_registry_call(go)
         except TurboError as exc:
             # the CRI plugin unpacks the layers itself when we decline; it reports its own errors
             log.warning("CRI image %s@%s: no lazy mount (%s): ordinary unpack", ref, manifest_digest, exc)
             self._remember(key, None)
             return None
         if img is not None:
-            img = TurboImage(**{**img.__dict__, "scheme": scheme})
+            img = dataclasses.replace(img, scheme=scheme)
         self._remember(key, img)
         return img
 
 
-__all__ = ["LayerBlob", "LayerSource", "Resolver", "TurboImage", "fetch_image", "presented"]
+__all__ = ["LayerBlob", "LayerSource", "Resolver", "TurboImage", "fetch_image", "presented", "run_registry_call"]

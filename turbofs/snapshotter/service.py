@@ -15,14 +15,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from turbofs.core.config import SnapshotterConfig, daemon_config
+from turbofs.core.config import SNAPSHOTTER_LIST_BATCH, SnapshotterConfig, daemon_config
 from turbofs.proto import SNAPSHOTS, serialize, types_pb2
 from turbofs.proto import snapshots_pb2 as pb
 from turbofs.snapshotter.core import Mount, Snapshotter
@@ -35,9 +35,6 @@ log = logging.getLogger("turbofs.snapshotter")
 
 Req = TypeVar("Req", bound=Message)
 Rep = TypeVar("Rep", bound=Message)
-
-#: Snapshots per List answer message.
-LIST_BATCH = 100
 
 
 def _timestamp(t: float) -> Timestamp:
@@ -87,8 +84,8 @@ class SnapshotsService:
 
     def List(self, req: pb.ListSnapshotsRequest, ctx: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
         snaps = self.sn.walk(list(req.filters))
-        for i in range(0, len(snaps), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[info_message(s) for s in snaps[i : i + LIST_BATCH]])
+        for i in range(0, len(snaps), SNAPSHOTTER_LIST_BATCH):
+            yield pb.ListSnapshotsResponse(info=[info_message(s) for s in snaps[i : i + SNAPSHOTTER_LIST_BATCH]])
 
     def Usage(self, req: pb.UsageRequest, ctx: grpc.ServicerContext) -> pb.UsageResponse:
         u = self.sn.usage(req.key)
@@ -99,15 +96,20 @@ class SnapshotsService:
         return Empty()
 
 
+def _abort(name: str, exc: Exception, ctx: grpc.ServicerContext) -> NoReturn:
+    """Log a failed call and answer it with the status code of ``exc``."""
+    code = status_code(exc)
+    level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
+    log.log(level, "%s: %s: %s", name, code.name, exc, exc_info=code is grpc.StatusCode.INTERNAL)
+    ctx.abort(code, str(exc) or type(exc).__name__)
+
+
 def _guard(name: str, fn: Callable[[Req, grpc.ServicerContext], Rep]) -> Callable[[Req, grpc.ServicerContext], Rep]:
     def call(req: Req, ctx: grpc.ServicerContext) -> Rep:
         try:
             return fn(req, ctx)
         except Exception as exc:
-            code = status_code(exc)
-            level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
-            log.log(level, "%s: %s: %s", name, code.name, exc, exc_info=code is grpc.StatusCode.INTERNAL)
-            ctx.abort(code, str(exc) or type(exc).__name__)
+            _abort(name, exc, ctx)
 
     return call
 
@@ -117,10 +119,7 @@ def _guard_stream(name: str, fn: Callable[[Req, grpc.ServicerContext], Iterator[
         try:
             yield from fn(req, ctx)
         except Exception as exc:
-            code = status_code(exc)
-            log.log(logging.INFO if code is not grpc.StatusCode.INTERNAL else logging.ERROR,
-                    "%s: %s: %s", name, code.name, exc)
-            ctx.abort(code, str(exc) or type(exc).__name__)
+            _abort(name, exc, ctx)
 
     return call
 
