@@ -1,16 +1,9 @@
 """Flattening: apply layer entries in order, with the OCI layer semantics, to one tree.
 
-The rules (https://github.com/opencontainers/image-spec/blob/main/layer.md; the shared
-entry rules are in :mod:`turbofs.core.fstree`):
-
-* Whiteouts of a layer are applied before that layer's other entries, so they never hide
-  what the same layer adds.
-* An entry replaces what its path holds, except that a directory over a directory only
-  updates the attributes and keeps the children.
-* A hardlink entry adds a name for the inode its target path holds at that moment (in the
-  same layer or a lower one); the inode keeps its own attributes.
-* Parent components are resolved inside the root (:func:`turbofs.core.fstree.resolve`);
-  missing parents are created as directories (mode 0755, owner 0:0, the entry's mtime).
+The rules are docs/format.md's ("Flattening rules"; the entry rules shared with the
+snapshotter are in :mod:`turbofs.core.fstree`). A layer's whiteouts are applied before its
+other entries, so they never hide what the same layer adds; a directory over a directory
+keeps its children; a hardlink names the inode its target holds at that moment.
 """
 
 from __future__ import annotations

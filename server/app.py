@@ -1,30 +1,11 @@
 """The turbofs registry: the OCI Distribution API over :class:`server.storage.Storage`.
 
-Endpoints (all under ``/v2/``; ``<name>`` may contain slashes)::
-
-    GET/HEAD   /v2/                                     200 {}  (API version check)
-    GET        /v2/_catalog?n=&last=                    repositories, paginated (Link)
-    GET        /v2/<name>/tags/list?n=&last=            tags, paginated (Link)
-    GET/HEAD   /v2/<name>/manifests/<tag|digest>        manifest with its stored media type
-    PUT        /v2/<name>/manifests/<tag|digest>        201 (413 past max_manifest_size)
-    DELETE     /v2/<name>/manifests/<tag|digest>        202 (a tag: the tag; a digest: the
-                                                        manifest and the tags pointing to it)
-    GET/HEAD   /v2/<name>/blobs/<digest>                200, or 206/416 with Range (sendfile)
-    DELETE     /v2/<name>/blobs/<digest>                202 (unlinks it from <name>)
-    POST       /v2/<name>/blobs/uploads/                202 new session, or ?digest= 201
-                                                        (monolithic), or ?mount=&from= 201
-    PATCH      /v2/<name>/blobs/uploads/<uuid>          202 (Content-Range checked, 416)
-    PUT        /v2/<name>/blobs/uploads/<uuid>?digest=  201 (optional last chunk in the body)
-    GET        /v2/<name>/blobs/uploads/<uuid>          204 with Range
-    DELETE     /v2/<name>/blobs/uploads/<uuid>          204
-    GET        /v2/<name>/referrers/<digest>            OCI index of the manifests whose
-                                                        subject is <digest>
-
-Routing is one catch-all route (``/v2/{tail:.*}``) whose path is split by
-:func:`parse_v2_path`, so multi-component names work; routes other modules add in their
-``setup`` (auth, turbo extensions) are registered first and win. Errors become the spec's JSON
-body in one middleware. ``app[STORAGE_KEY]`` is the :class:`Storage`, ``app[CONFIG_KEY]`` the
-:class:`RegistryConfig`.
+The endpoints are listed in docs/api.md ("The OCI Distribution API"), plus the referrers API
+(``GET /v2/<name>/referrers/<digest>``). Routing is one catch-all route (``/v2/{tail:.*}``)
+split by :func:`parse_v2_path`, so names may contain slashes; routes other modules add in
+their ``setup`` (auth, turbo extensions) are registered first and win. Errors become the
+spec's JSON body in one middleware. ``app[STORAGE_KEY]`` is the :class:`Storage`,
+``app[CONFIG_KEY]`` the :class:`RegistryConfig`.
 """
 
 from __future__ import annotations

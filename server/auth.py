@@ -1,34 +1,20 @@
 """Registry authentication: users, signed bearer tokens, the ``/token`` endpoint, the gate.
 
-The registry follows the Docker/Distribution token flow, with the registry as its own token
-service (what containerd, skopeo and docker expect)::
+The Docker/Distribution token flow with the registry as its own token service (docs/api.md,
+"Authentication"); ``POST /token`` takes the OAuth2 form containerd tries first too.
 
-    client --GET /v2/NAME/...-------------------------------> 401 WWW-Authenticate: Bearer
-                                                                   realm="http://HOST/token",
-                                                                   service="turbofs",
-                                                                   scope="repository:NAME:pull,push"
-    client --GET /token?service=turbofs&scope=... (Basic) ---> {"token": T, "expires_in": S, ...}
-    client --GET /v2/NAME/... Authorization: Bearer T -------> 200
-
-- **Users** live in ``RegistryConfig.users_file``, one ``user:HASH`` line each, the hash made
-  by ``turbofs passwd USER`` (:func:`hash_password`: scrypt, random salt). The file is read
-  again when it changes, so adding or removing a user needs no restart.
-- **Tokens** are JWTs signed with HMAC-SHA256 (:class:`TokenSigner`) under a key kept in
-  ``RegistryConfig.token_key_file`` or ``<storage>/token.key`` (32 random bytes, mode 0600,
-  made on first start). Claims: ``iss``, ``sub`` (the user; empty for anonymous), ``aud``
-  (the service), ``iat``, ``nbf``, ``exp``, ``jti`` and ``access``, a list of
-  ``{"type", "name", "actions"}``.
-- **Rights** (:class:`Policy`): a user in the users file may pull, push and delete anything;
-  anyone may pull when ``pull_auth`` is off and push when :attr:`RegistryConfig.push_needs_auth`
-  is false. A token grants the requested actions the requester may have and no others.
-- **The gate** (:func:`setup`'s middleware) maps each ``/v2`` request to the action it needs
-  (:func:`turbofs.core.auth.required_access`, shared with the client) and lets it through when
-  that action is open to anyone or the request carries a token (or HTTP Basic credentials)
-  that allows it; ``/v2/`` itself needs any valid credentials. Otherwise: ``401`` with the
-  challenge and the OCI error body (``UNAUTHORIZED``). Paths outside ``/v2`` are not gated.
-
-The token endpoint also takes the OAuth2 form (``POST /token``, ``grant_type=password`` or
-``refresh_token``) that containerd tries first when it has credentials.
+- **Users**: ``RegistryConfig.users_file``, one ``user:HASH`` line each (:func:`hash_password`:
+  scrypt, random salt), read again when it changes.
+- **Tokens**: JWTs signed with HMAC-SHA256 (:class:`TokenSigner`) under a key in
+  ``token_key_file`` or ``<storage>/token.key`` (32 random bytes, 0600, made on first start);
+  the ``access`` claim lists ``{"type", "name", "actions"}``.
+- **Rights** (:class:`Policy`): a user may pull, push and delete anything; anyone may pull
+  unless ``pull_auth`` and push unless ``push_needs_auth``. A token grants only the requested
+  actions the requester may have.
+- **The gate** (:func:`setup`'s middleware) maps each ``/v2`` request to its action
+  (:func:`turbofs.core.auth.required_access`, shared with the client) and lets it through if
+  open to anyone or allowed by its token or Basic credentials; else ``401`` with the challenge
+  and ``UNAUTHORIZED``. ``/v2/`` needs any valid credentials; other paths are not gated.
 """
 
 from __future__ import annotations

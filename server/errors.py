@@ -20,10 +20,8 @@
           ├── Unsupported            UNSUPPORTED            405 / 404 / 400
           └── TooManyRequests        TOOMANYREQUESTS        429
 
-The storage layer raises these directly (it is the one that knows a blob is unknown or a
-name invalid); the app turns any of them into a response in one place (:func:`error_response`),
-with the body ``{"errors": [{"code", "message", "detail"}]}``. Other modules (auth, extensions)
-raise them too, for example ``Unauthorized("...", headers={"WWW-Authenticate": ...})``.
+Storage, auth and the extensions raise them; :func:`error_response` is the one place that
+turns them into the spec's JSON body (``headers=`` adds e.g. ``WWW-Authenticate``).
 """
 
 from __future__ import annotations

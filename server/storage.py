@@ -14,26 +14,18 @@ This is the only code that touches the storage folder. Its layout::
       uploads/<uuid>/data                                 the bytes received so far
       tmp/                                                scratch folders (scratch_dir)
 
-``<name>`` may have several components (``library/debian`` is two folders). Manifests are
-blobs too (their bytes live in ``blobs/``; the revision file says the repository has one).
+``<name>`` may have several components. Manifests are blobs too.
 
-Every file is written under a temporary name in its final folder (a name starting with a dot,
-which no blob, tag or name can start with), fsynced, then renamed, and the folder fsynced; so
-a crash leaves either the old or the new state, never half a file. Two exceptions, where there
-is nothing a crash could tear: the empty files of ``_layers/`` are created in place (then their
-folder is fsynced), and upload sessions are not flushed at all (a crash loses a session; the
-client starts it again). A blob enters ``blobs/`` only after its bytes were hashed, matched
-the digest that names it, and were fsynced. Finishing an upload flushes three times for a new
-blob (its bytes, ``blobs/<algo>/``, the repository's ``_layers/<algo>/``) and once for a blob
-stored already: a client that uploads blob after blob waits for each of those. Names, tags, digests and
-upload ids are checked against their grammar before any path is built from them, which is
-also what keeps every path inside the storage folder.
+Crash safety: every file is written under a dot-name in its final folder, fsynced, renamed,
+and the folder fsynced; the empty ``_layers/`` files are created in place, and upload sessions
+are not flushed (a crash loses a session). A blob enters ``blobs/`` only once hashed, matched
+to its digest and fsynced. Names, tags, digests and upload ids are checked against their
+grammar before any path is built from them, which keeps every path inside the folder.
 
-Concurrency: every method blocks (file I/O, fsync, hashing) except :meth:`Storage.upload_append`,
-which reads its stream on the event loop and hands each write to ``server.offload.offload``. The
-app calls the others only through ``offload`` (stat-only lookups included: on a cold cache a
-stat reads the disk), so they run in worker threads at once: ``_lock`` guards the set of busy
-upload sessions. One upload session serves one request at a time; a second one is refused.
+Concurrency: every method blocks except :meth:`Storage.upload_append`, which reads its stream
+on the event loop and offloads each write; the app calls the others through
+``server.offload.offload``, so ``_lock`` guards the set of busy upload sessions (one request
+per session at a time).
 """
 
 from __future__ import annotations
@@ -725,11 +717,8 @@ class Storage:
 
         ``expected_offset``: where the chunk starts (from Content-Range); RangeInvalid (416)
         if the upload stands elsewhere. ``data_stream`` is bytes or a (sync or async) iterable
-        of byte chunks; every chunk received is kept, also when the stream breaks off, so a
-        client can ask where the upload stands and resume. Past max_blob_size: SizeInvalid.
-        The stream is read on the event loop; the writes and the hashing are offloaded, one
-        write in flight while the next bytes arrive.
-        """
+        of byte chunks; what arrived is kept, also when the stream breaks off, so a client can
+        resume. Past max_blob_size: SizeInvalid. One offloaded write in flight at a time."""
         folder, _state = await offload(self._acquire, uuid, repo)
         try:
             path = folder / "data"

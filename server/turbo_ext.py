@@ -1,14 +1,8 @@
 """The turbofs extensions of the registry API (specification: ``docs/api.md``).
 
-Everything under ``/v2/_turbofs/`` and ``/v2/<name>/_turbofs/``; a node or client that finds
-``GET /v2/_turbofs/info`` answering 404 uses the plain OCI API instead:
-
-* ``GET  /v2/_turbofs/info``                    which extensions and limits this registry has
-* ``POST /v2/<name>/_turbofs/batch``            many byte ranges of the repository's blobs in
-                                                one response, sent with sendfile(2)
-* ``POST /v2/<name>/_turbofs/missing``          which of these blobs the repository lacks
-* ``POST /v2/<name>/_turbofs/convert``          convert a plain image into a turbo image
-* ``GET  /v2/<name>/_turbofs/convert/<id>``     the state of a conversion
+Everything under ``/v2/_turbofs/`` and ``/v2/<name>/_turbofs/``: ``info``, ``batch`` (many
+byte ranges in one response, sent with sendfile(2)), ``missing`` and ``convert``. A client
+that gets 404 from ``GET /v2/_turbofs/info`` uses the plain OCI API instead.
 """
 
 from __future__ import annotations
@@ -34,7 +28,6 @@ from turbofs.core.config import (
 from turbofs.core.errors import FormatError
 
 VERSION: Final = 1
-BATCH_MEDIA_TYPE: Final = "application/vnd.turbofs.batch.v1"
 _NAME: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
 _NAME_RE: Final = re.compile(f"^{_NAME}$")
 CONVERTER_KEY: Final = web.AppKey("turbofs_converter", Converter)
@@ -117,7 +110,7 @@ class _Extensions:
             plan = await offload(_open_plan, self.storage, name, ranges, files)
             if isinstance(plan, web.Response):
                 return plan
-            resp = web.StreamResponse(status=200, headers={"Content-Type": BATCH_MEDIA_TYPE})
+            resp = web.StreamResponse(status=200, headers={"Content-Type": oci.TURBO_BATCH})
             resp.content_length = sum(n for _, _, n in plan)
             await resp.prepare(request)
             transport = request.transport
@@ -221,4 +214,4 @@ def _parse_ranges(body: Any, cfg: RegistryConfig) -> list[tuple[str, int, int]]:
     return out
 
 
-__all__ = ["BATCH_MEDIA_TYPE", "CONVERTER_KEY", "on_manifest_put", "setup"]
+__all__ = ["CONVERTER_KEY", "on_manifest_put", "setup"]

@@ -32,7 +32,7 @@ from turbofs.core import oci
 from turbofs.core.codec import VerifiedChunk, decode_frame
 from turbofs.core.config import DaemonConfig
 from turbofs.core.errors import DigestMismatch
-from turbofs.core.registry import BATCH_MEDIA_TYPE, RegistryClient
+from turbofs.core.registry import RegistryClient
 from turbofs.node.cache import ChunkCache, DiskCache, RamCache
 from turbofs.node.errors import ChunkCorrupt, FetchFailed, FetchTimeout, ReaderClosed, ReadError
 from turbofs.node.metrics import MeteredTransport, NodeMetrics
@@ -184,7 +184,7 @@ class FakeRegistry:
             for r in json.loads(request.content)["ranges"]:
                 self.ranges.append((r["digest"], r["offset"], r["length"]))
                 parts.append(self.image.blobs[r["digest"]][r["offset"] : r["offset"] + r["length"]])
-            return httpx.Response(200, content=self._maybe_corrupt(b"".join(parts)), headers={"Content-Type": BATCH_MEDIA_TYPE})
+            return httpx.Response(200, content=self._maybe_corrupt(b"".join(parts)), headers={"Content-Type": oci.TURBO_BATCH})
         finally:
             self.active -= 1
 

@@ -3,31 +3,20 @@
 ``pull`` gives containerd a turbo image without downloading a layer:
 
 1. read the manifest and config from the registry (:func:`turbofs.snapshotter.fetch_image`);
-2. under a lease (so containerd's garbage collector leaves them alone meanwhile), write both
-   into containerd's content store (Content service) with the labels containerd's own
-   unpacker would set: the manifest references its config, the config references the top
-   snapshot (``containerd.io/gc.ref.snapshot.<snapshotter>``);
-3. create or update the image record (Images service);
-4. Prepare through containerd's Snapshots service, with no parent, a snapshot with the
-   ``containerd.io/snapshot.ref`` label set to the image's *top* chain ID and the turbofs
-   labels naming the image and its manifest; the turbofs snapshotter mounts the image and
-   answers ALREADY_EXISTS, which tells containerd the top snapshot is there.
+2. under a lease, write both into containerd's content store with the labels its own
+   unpacker would set (the config references the top snapshot,
+   ``containerd.io/gc.ref.snapshot.<snapshotter>``);
+3. create or update the image record;
+4. Prepare, with no parent, a snapshot labelled with the image's *top* chain ID
+   (``containerd.io/snapshot.ref``) and the turbofs labels; the snapshotter mounts the image
+   and answers ALREADY_EXISTS, so containerd sees the image unpacked.
 
-Only the top: containerd needs no more to run the image (a container's snapshot has the top
-chain ID as its parent, and ``Stat`` of it is how containerd decides an image is unpacked),
-and the chain IDs below it must stay free for plain images. A turbo image is flattened: no
-layer below its top can be shown on its own. Had ``pull`` recorded those chain IDs too, a
-plain image sharing base layers with the turbo image, pulled later into the same namespace,
-would find them (containerd's unpacker skips every layer whose chain ID it finds) and stack
-its own layers on snapshots without files.
+Only the top: a container needs no more, and the chain IDs below must stay free, or a plain
+image sharing base layers, pulled later, would stack on snapshots without files (a turbo
+image is flattened). ``run`` then runs ``ctr run`` with the image's entrypoint and command.
 
-Afterwards ``ctr run --snapshotter turbofs IMAGE`` finds the image unpacked. ``run`` does that,
-with the image's entrypoint and command as ``ctr run``'s arguments (which replace them).
-
-Where containerd is: ``--address``, else ``CONTAINERD_ADDRESS``, else
-``/run/containerd/containerd.sock``; namespace ``--namespace``, ``CONTAINERD_NAMESPACE``,
-``default``; snapshotter ``--snapshotter``, ``CONTAINERD_SNAPSHOTTER``, ``turbofs`` -- ctr's
-conventions.
+containerd's address, namespace and snapshotter follow ctr's conventions (flag, then
+``CONTAINERD_ADDRESS``/``_NAMESPACE``/``_SNAPSHOTTER``, then the defaults).
 """
 
 from __future__ import annotations

@@ -1,29 +1,16 @@
 """Registry authentication, client side, and the request-to-scope rules both sides share.
 
-The registries of the Docker/OCI world use the bearer-token flow (the Docker "token
-authentication specification", followed by CNCF Distribution, containerd and skopeo):
+The Docker "token authentication specification" flow: a ``401`` with a ``Bearer`` challenge
+(realm, service, scope), a ``GET realm?service=&scope=`` with Basic credentials if any, then
+the request again with ``Authorization: Bearer TOKEN``. A ``Basic`` challenge means the
+credentials go straight on the request.
 
-1. A request without (enough) credentials gets ``401`` and a challenge,
-   ``WWW-Authenticate: Bearer realm="https://host/token",service="S",scope="repository:NAME:pull,push"``.
-2. The client asks the realm, ``GET realm?service=S&scope=...``, with HTTP Basic credentials
-   if it has any (anonymous otherwise), and gets ``{"token": ..., "expires_in": ...}``.
-3. It repeats the request with ``Authorization: Bearer TOKEN``.
-
-Some registries answer with a ``Basic`` challenge instead; then credentials go straight on
-the request.
-
-This module holds:
-
-- :func:`required_access`: which action (``pull``, ``push``, ``delete``) on which repository a
-  registry request needs. The turbofs registry (``server/auth.py``) enforces exactly these
-  rules; clients use them to ask for the right token before the first ``401``.
-- :class:`Scope` and :func:`parse_scopes`: the ``type:name:actions`` strings of the spec.
-- :func:`parse_challenges`: the ``WWW-Authenticate`` header.
-- :class:`Credentials` and :func:`lookup_credentials`: explicit ``user:password`` or the
-  Docker/containers auth files.
-- :class:`RegistryAuth`: an :class:`httpx.Auth` that runs the flow for ``httpx.Client`` and
-  ``httpx.AsyncClient`` alike, caches tokens per (realm, service, scope) and refreshes them
-  before they expire.
+- :func:`required_access`: the action a registry request needs; ``server/auth.py`` enforces
+  exactly these rules, and clients ask for the right token before the first ``401``.
+- :class:`Scope`, :func:`parse_scopes`, :func:`parse_challenges`: the spec's strings.
+- :class:`Credentials`, :func:`lookup_credentials`: ``user:password`` or the auth files.
+- :class:`RegistryAuth`: an :class:`httpx.Auth` for sync and async clients; tokens cached per
+  (realm, service, scope) and refreshed before they expire.
 """
 
 from __future__ import annotations
@@ -132,13 +119,10 @@ def parse_scopes(values: Iterable[str]) -> list[Scope]:
 def required_access(method: str, path: str, name: str | None = None) -> Access | None:
     """The action a registry API request needs, or None where any valid credentials do.
 
-    ``path`` is the URL path. ``GET``/``HEAD`` are pulls; ``POST``/``PUT``/``PATCH`` pushes;
-    ``DELETE`` needs ``delete`` (which ``push`` covers). ``/v2/_catalog`` needs
-    ``registry:catalog:*``. Under ``/v2/NAME/_turbofs/OP`` the action comes from
-    :data:`TURBOFS_EXTENSION_ACTIONS`. None means ``/v2/`` itself, or a path under ``/v2``
-    that names no repository: any valid credentials. ``name``, when given (the server passes
-    the name its router matched), overrides the name parsed from the path.
-    """
+    ``GET``/``HEAD`` pull; ``POST``/``PUT``/``PATCH`` push; ``DELETE`` needs ``delete`` (which
+    ``push`` covers); ``/v2/_catalog`` needs ``registry:catalog:*``; ``/v2/NAME/_turbofs/OP``
+    as :data:`TURBOFS_EXTENSION_ACTIONS` says. ``name`` (the server's matched name) overrides the
+    name parsed from ``path``."""
     if path in ("/v2", "/v2/"):
         return None
     if path.rstrip("/") == "/v2/_catalog":
@@ -388,17 +372,11 @@ _Step = Generator[tuple[httpx.Request, bool], httpx.Response, None]
 class RegistryAuth(httpx.Auth):
     """The registry token flow as an :class:`httpx.Auth`, for sync and async clients.
 
-    ``credentials`` is fixed :class:`Credentials`, a function from a registry host
-    (``name:port``) to credentials (e.g. ``lambda h: lookup_credentials(h)``), or None
-    (anonymous). On a ``401`` with a ``Bearer`` challenge the token comes from the realm (with
-    Basic credentials if there are any) and the request is sent again; on a ``Basic``
-    challenge the credentials go on the request. What a host asked for is remembered, and
-    tokens are cached per (realm, service, scope), so later requests carry a token from the
-    start, including request bodies that cannot be sent twice (a streamed upload that gets a
-    ``401`` is not repeated: the response goes back to the caller, and a retry finds the
-    token cached). Token responses are read; other responses are left for the caller to
-    stream. A rejected login raises :class:`~turbofs.core.errors.AuthError`.
-    """
+    ``credentials`` is fixed :class:`Credentials`, a function from a host (``name:port``) to
+    credentials, or None (anonymous). What a host asked for is remembered and tokens are cached,
+    so later requests carry a token from the start: a streamed upload that gets a ``401`` is not
+    repeated (the caller's retry finds the token cached). A rejected login raises
+    :class:`~turbofs.core.errors.AuthError`."""
 
     def __init__(
         self,

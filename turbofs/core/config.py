@@ -170,8 +170,9 @@ PUSH_PARALLEL: Final = 4
 RAM_CACHE_MAX_ENTRIES: Final = 1 << 22
 #: Disk-tier usage is counted in file-system blocks of this size.
 DISK_CACHE_BLOCK: Final = 4096
-#: A disk-tier temporary file of a dead process, or one this many seconds old, is removed at start.
-DISK_CACHE_STALE_TEMP: Final = 3600.0
+#: A temporary file in the node's cache folder (chunks, erofs metadata) of a dead process,
+#: or one this many seconds old, was left by a crash and is removed.
+CACHE_STALE_TEMP: Final = 3600.0
 #: Files whose read pattern the reader remembers, to detect sequential reads.
 READER_SEQ_TRACKED_FILES: Final = 4096
 #: Source failures younger than this (seconds) are named in a read timeout's message.

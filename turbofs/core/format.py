@@ -1,14 +1,10 @@
 """The turbofs index format: encode and decode (specification: ``docs/format.md``).
 
-This module depends on the standard library and ``zstandard`` only, so the builder and
-the registry can import it without FUSE. The builder calls :func:`encode`; the node
-daemon opens an index with :meth:`Index.from_bytes` and reads it through the small
-reader API of :class:`Index` (lookup, listdir, getattr, readlink, xattrs, map_range).
-
-Decoding does no per-entry work: the payload is decompressed once and records are
-unpacked on access from fixed-size tables, so opening an index of 100,000 files costs
-about one zstd decompression and one SHA-256. Every accessor checks the bounds of what it
-reads, and raises :class:`~turbofs.core.errors.FormatError` instead of returning a wrong entry;
+Standard library and ``zstandard`` only. The builder calls :func:`encode`; the node opens an
+index with :meth:`Index.from_bytes` and reads it through :class:`Index` (lookup, listdir,
+getattr, readlink, xattrs, map_range). Decoding does no per-entry work (records are unpacked
+on access from fixed-size tables); every accessor checks the bounds of what it reads and
+raises :class:`~turbofs.core.errors.FormatError` rather than return a wrong entry;
 :meth:`Index.verify` checks the whole index at once.
 """
 
@@ -210,12 +206,9 @@ def encode(
 ) -> bytes:
     """Encode an index. ``inodes[0]`` is the root directory; output is deterministic.
 
-    ``startup``: the chunks a recorded process start read, in first-use order (written as
-    a startup section only when not empty, so an index without a trace stays byte-identical
-    to one written before the section existed).
-
-    A frames section (the sha256 of each chunk's compressed frame) is written when every
-    chunk has its ``frame`` digest; none may have it otherwise."""
+    ``startup``: the chunks a recorded start read, in first-use order (no section when empty).
+    A frames section is written when every chunk has its ``frame`` digest; none may have it
+    otherwise."""
     log2 = chunk_size.bit_length() - 1
     if chunk_size != 1 << log2 or not MIN_CHUNK_LOG2 <= log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk size {chunk_size} is not a power of two in [4 KiB, 64 MiB]")
@@ -675,14 +668,9 @@ class Index:
     def inode_columns(self) -> dict[str, list[int]]:
         """Every field of every inode, one list per field, indexed by inode number: ``mode,
         uid, gid, nlink, mtime_sec, mtime_nsec, xattr_start, xattr_count, parent, size, a,
-        b`` (docs/format.md; ``a, b`` name a directory's dirents, a file's refs, a symlink
-        target in the heap, or a device's major and minor).
-
-        Checked as :meth:`inode`, :meth:`xattrs`, :meth:`listdir`, :meth:`file_refs` and
-        :meth:`readlink` check one inode (known type, nanoseconds, parent, and every range
-        the record names), so slices of :meth:`dirent_columns`, :meth:`ref_columns` and
-        :meth:`xattr_records` taken with these fields are in range.
-        """
+        b`` (docs/format.md). Checked as the one-inode accessors check, so slices of
+        :meth:`dirent_columns`, :meth:`ref_columns` and :meth:`xattr_records` taken with these
+        fields are in range."""
         names = ("mode", "uid", "gid", "nlink", "mtime_nsec", "xattr_start", "xattr_count", "parent", "a", "b",
                  "mtime_sec", "size")
         cols = dict(zip(names, self._table_columns(self._inodes, (0, 1, 2, 3, 6, 7, 8, 9, 12, 13), (-3, 5),

@@ -7,10 +7,8 @@
   DIR; other ``.wh..wh.*`` names are aufs bookkeeping and ignored (:func:`classify`).
 * Extended attributes from pax records (:func:`pax_xattrs`): ``SCHILY.xattr.NAME=VALUE``
   (raw bytes) and ``LIBARCHIVE.xattr.NAME=BASE64`` (NAME percent-encoded). As containerd
-  unpacks a layer: an empty value is an xattr with an empty value, and ``trusted.*`` is never
-  taken from an image (``trusted.overlay.*`` would change how overlayfs reads the tree
-  above which the image is mounted). umoci differs on both: it drops empty values and keeps
-  ``trusted.*`` except ``trusted.overlay.opaque``.
+  does: an empty value is an xattr with an empty value, and ``trusted.*`` is never taken
+  (``trusted.overlay.*`` would steer the overlayfs mounted above the image).
 * In-root resolution (:func:`resolve`): symlinks are followed as a safe extractor does: an
   absolute target starts again at the root, ``..`` stops at the root, and at most
   :data:`~turbofs.core.config.MAX_SYMLINKS` links are followed per path.

@@ -32,6 +32,8 @@ DOCKER_CONFIG: Final = "application/vnd.docker.container.image.v1+json"
 
 TURBO_INDEX: Final = "application/vnd.turbofs.index.v1"
 TURBO_CHUNKS: Final = "application/vnd.turbofs.chunks.v1+zstd"
+#: The answer of the batched chunk fetch (docs/api.md).
+TURBO_BATCH: Final = "application/vnd.turbofs.batch.v1"
 #: Manifest annotations of a turbo image.
 ANN_TURBO_VERSION: Final = "io.turbofs.format.version"
 ANN_TURBO_INDEX: Final = "io.turbofs.index.digest"

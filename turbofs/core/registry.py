@@ -40,6 +40,7 @@ from turbofs.core.config import (
     CLIENT_PARALLEL,
     CLIENT_RETRIES,
     CLIENT_RETRY_AFTER_MAX,
+    CLIENT_RETRY_STATUS,
     CLIENT_TIMEOUT,
     CLIENT_UPLOAD_PIECE,
     MAX_INDEX_DEPTH,
@@ -51,12 +52,9 @@ DEFAULT_ACCEPT: Final = ", ".join(
     [oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST, oci.DOCKER_MANIFEST_LIST]
 )
 #: Media type of a batched range answer: the ranges' bytes back to back, in request order.
-BATCH_MEDIA_TYPE: Final = "application/vnd.turbofs.batch.v1"
 
 _REPO_RE: Final = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _TAG_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-#: Answers worth asking again after a pause.
-_RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 T = TypeVar("T")
 
@@ -228,7 +226,7 @@ class RegistryClient:
                 err: RegistryError = _Unreachable(f"{what}: {self.registry} unreachable: {exc!r}")
             except RegistryError as exc:
                 err = exc
-            if not retry or tries >= self.retries or not (isinstance(err, _Unreachable) or err.status in _RETRY_STATUS):
+            if not retry or tries >= self.retries or not (isinstance(err, _Unreachable) or err.status in CLIENT_RETRY_STATUS):
                 raise err from None
             tries += 1
             pause = random.uniform(0, min(self.backoff_max, self.backoff * 2**tries))
@@ -423,7 +421,7 @@ class RegistryClient:
             return await _read_body(resp, what, total, too_big=RegistryError)
 
         data = await self._stream(
-            "POST", f"/v2/{repo}/_turbofs/batch", what, read, json=body, headers={"Accept": BATCH_MEDIA_TYPE}
+            "POST", f"/v2/{repo}/_turbofs/batch", what, read, json=body, headers={"Accept": oci.TURBO_BATCH}
         )
         if len(data) != total:
             raise RegistryError(f"batched fetch: got {len(data)} bytes, expected {total}")

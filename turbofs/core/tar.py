@@ -3,10 +3,9 @@
 File data is handed out in the pieces the caller asks for, straight from the decompressed
 stream; pax values stay raw bytes (names that are not UTF-8, binary xattr values). An empty
 pax value deletes the record (POSIX), so the ustar field or global record applies, except an
-entry's own xattr record, which is an xattr with an empty value. Supported: regular files (types ``0``, ``\\0``, ``7``), hard links, symlinks,
-character and block devices, directories, fifos; pax per-file (``x``) and global (``g``)
-headers; GNU long names and link names (``L``, ``K``); base-256 numbers. GNU sparse files
-and multi-volume archives are refused with a clear error.
+entry's own xattr record, which is an xattr with an empty value. Supported: all ustar
+entry types, pax ``x`` and ``g`` headers, GNU long names (``L``, ``K``) and base-256 numbers;
+GNU sparse files and multi-volume archives are refused.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Startup traces: which chunks (and files) a process start read, in first-use order.
 
-A node records the order in which each mount first reads its chunks
-(:class:`~turbofs.node.reader.ChunkReader` keeps it); ``turbofs trace MOUNTPOINT`` writes it
-to a file, and ``turbofs build --startup-trace FILE`` stores it in the index's startup
-section, so every later cold start fetches exactly those chunks first, in that order, before
-the rest of the image (docs/format.md, "Startup").
+A mount records the order in which it first reads chunks; ``turbofs trace MOUNTPOINT`` writes
+it here, and ``turbofs build --startup-trace FILE`` puts it in the index, so later cold starts
+fetch those chunks first (docs/format.md, "Startup").
 
 The file is JSON (``FORMAT``)::
 
@@ -13,12 +11,9 @@ The file is JSON (``FORMAT``)::
      "chunks": ["<64 hex: sha256 of the uncompressed chunk>", ...],
      "files": ["/usr/bin/python3.11", ...]}
 
-Chunks are named by digest, not by id, so a trace carries over to a rebuild of the same
-content (chunk digests depend on content only): chunks the new image does not have are
-skipped. ``files`` (the regular files those chunks belong to, for people to read) is
-informative only. A plain text file with one absolute image path per line (``#`` comments
-allowed) is accepted too, for users who know the files their start reads: all chunks of
-those files, in the order listed.
+Chunks are named by digest, so a trace carries over to a rebuild (missing chunks are skipped);
+``files`` is informative only. A plain text file of absolute image paths, one per line
+(``#`` comments allowed), is accepted too: all chunks of those files, in that order.
 """
 
 from __future__ import annotations

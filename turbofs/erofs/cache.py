@@ -9,17 +9,11 @@ One file per index, in the node's cache folder::
                 u32 stats length, then the metadata bytes, the nid of every inode (u64 each),
                 the owner of every chunk (i64 each, -1: none) and the build's stats (JSON)
 
-The name and the header tie a file to one index and one writer version: a writer that would
-write other bytes never reads an older one's files. A file is written under a temporary name
-and renamed, so a half-written one never has a final name; there is no fsync because every
-load checks the body's sha256 (a file torn by a power loss is a miss, removed, and rebuilt).
-
-The sha256 only says the file is the one written; it does not make the metadata trusted.
-Whoever loads it (:func:`turbofs.erofs.prepare.prepare_image`) runs :func:`~turbofs.erofs.check_erofs`
-on it exactly as on freshly built metadata, and a file that fails is removed and rebuilt.
-
-The folder is bounded in bytes: after each store the least recently used files (a load
-touches its file) go until the rest fit.
+The name and header tie a file to one index and one writer version. Written under a temporary
+name and renamed, without fsync: every load checks the body's sha256 (a torn file is a miss,
+removed and rebuilt). That sha256 does not make the metadata trusted: the loader
+(:func:`turbofs.erofs.prepare.prepare_image`) runs :func:`~turbofs.erofs.check_erofs` on it as
+on fresh metadata. The folder is bounded in bytes, least recently used files out first.
 """
 
 from __future__ import annotations
@@ -39,6 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from turbofs.core import format as fmt
+from turbofs.core.config import CACHE_STALE_TEMP
 from turbofs.erofs import ondisk as d
 from turbofs.erofs.writer import WRITER_VERSION, ErofsImage, decode_index
 
@@ -51,8 +46,6 @@ _HEADER: Final = struct.Struct("<8sII32sQ32s")
 _BODY_HEAD: Final = struct.Struct("<IIIIII")
 _NAME_RE: Final = re.compile(r"^[0-9a-f]{64}\.w\d+\.meta$")
 _TEMP_RE: Final = re.compile(r"^\.tmp\.\d+\.[0-9a-f]+$")
-#: A temporary file older than this was left by a killed daemon.
-STALE_TEMP_SECONDS: Final = 3600.0
 
 
 def cache_path(cache_dir: Path, index_sha256: bytes) -> Path:
@@ -193,7 +186,7 @@ def evict(folder: Path, max_bytes: int, *, keep: Path | None = None) -> None:
                 continue
             if _NAME_RE.match(e.name):
                 files.append((st.st_mtime, st.st_size, Path(e.path)))
-            elif _TEMP_RE.match(e.name) and now - st.st_mtime > STALE_TEMP_SECONDS:
+            elif _TEMP_RE.match(e.name) and now - st.st_mtime > CACHE_STALE_TEMP:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.path)
     used = sum(size for _, size, _ in files)

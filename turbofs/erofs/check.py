@@ -1,26 +1,18 @@
 """Independent checks of generated erofs metadata, before any kernel sees it.
 
-:func:`check_erofs` parses the metadata bytes of an :class:`~turbofs.erofs.writer.ErofsImage`
-from the superblock down, sharing nothing with the writer but the format constants and the
+:func:`check_erofs` parses the metadata of an :class:`~turbofs.erofs.writer.ErofsImage` from
+the superblock down, sharing nothing with the writer but the format constants and the
 decoded index, and raises :class:`~turbofs.erofs.errors.ErofsCorrupt` at the first problem:
 
-* structure: the superblock's fields, every inode reachable from the root (bounds, inode
-  version, data layout, xattr ibody and entries, shared xattr ids), every directory block
-  (entry count, name offsets, names sorted and valid, ``.`` and ``..`` right, file types
-  matching the inodes they name, no directory reached twice), inline data that stays in
-  its block, block addresses inside the metadata (directories, symlinks) or the data
-  region (files), chunk maps of the right length;
+* structure: superblock, every inode reachable from the root, directory blocks (sorted valid
+  names, ``.``/``..``, file types, no directory twice), inline data within its block, block
+  addresses inside the metadata or data region, chunk map lengths;
 * meaning: every directory lists exactly the index's names, every inode has the index's
-  attributes (type, mode, owner, mtime in ns, nlink, size, device, xattrs, symlink
-  target), hardlinks share an inode exactly when they do in the index, and every block
-  address of a file is where the data region holds that piece's chunk.
+  attributes, hardlinks share an inode exactly as in the index, and every file block address
+  is where the data region holds that piece's chunk.
 
-A failure here is a bug in the writer or a corrupted image (in memory, or in the node's
-metadata cache); the daemon refuses to mount erofs metadata that does not pass.
-
-Like the writer it runs at mount time, so the per-inode work is done on whole columns
-(inode cores unpacked by ``map``, fields compared list against list); Python code runs per
-directory, per file, and per inode that has xattrs or is a symlink or device.
+The daemon refuses to mount metadata that fails (a writer bug, or a corrupted cache). It runs
+at mount time, so it works on whole columns where it can.
 """
 
 from __future__ import annotations
@@ -37,10 +29,7 @@ from turbofs.erofs import ondisk as d
 from turbofs.erofs.errors import ErofsCorrupt
 from turbofs.erofs.writer import ErofsImage
 
-_FW_PLAIN = d.INODE_EXTENDED | d.LAYOUT_FLAT_PLAIN << 1
-_FW_INLINE = d.INODE_EXTENDED | d.LAYOUT_FLAT_INLINE << 1
-_FW_CHUNKED = d.INODE_EXTENDED | d.LAYOUT_CHUNK_BASED << 1
-_KNOWN_FORMATS = frozenset({_FW_PLAIN, _FW_INLINE, _FW_CHUNKED})
+_KNOWN_FORMATS = frozenset({d.FORMAT_PLAIN, d.FORMAT_INLINE, d.FORMAT_CHUNKED})
 _SUPER_END = d.SUPER_OFFSET + d.SUPER.size
 # fields of an unpacked extended inode core
 _FORMAT, _ICOUNT, _MODE, _SIZE, _IU, _UID, _GID, _MTIME, _NSEC, _NLINK = 0, 1, 2, 4, 5, 7, 8, 9, 10, 11
@@ -161,11 +150,11 @@ class _Checker:
     def flat_data(self, nid: int, core: tuple[int, ...], *, in_meta: bool) -> list[tuple[int, int]]:
         """(absolute position, length) pieces of a flat inode's data."""
         fw, size, i_u = core[_FORMAT], core[_SIZE], core[_IU]
-        if fw not in (_FW_PLAIN, _FW_INLINE):
+        if fw not in (d.FORMAT_PLAIN, d.FORMAT_INLINE):
             raise self.fail(f"nid {nid}: layout {(fw >> 1) & 7} for a {stat.S_IFMT(core[_MODE]):#o} inode")
         data_pos = self.data_pos(nid, core[_ICOUNT])
         nblocks = d.blocks_of(size)
-        inline = fw == _FW_INLINE
+        inline = fw == d.FORMAT_INLINE
         whole = nblocks - 1 if inline else nblocks
         pieces: list[tuple[int, int]] = []
         if whole:
@@ -343,7 +332,7 @@ class _Checker:
             raise self.fail(f"nid {nid_of[ino]}: size {cores[ino][_SIZE]} instead of {sizes[ino]}")
         # files of one piece of one chunk, flat (the common case), column by column: the
         # piece is block aligned and inside its chunk, and the inode points at its block
-        one = [ino for ino in regs if bcol[ino] == 1 and formats[ino] == _FW_PLAIN]
+        one = [ino for ino in regs if bcol[ino] == 1 and formats[ino] == d.FORMAT_PLAIN]
         firsts = list(map(acol.__getitem__, one))
         cids = list(map(ref_chunks.__getitem__, firsts))
         offs = list(map(ref_offsets.__getitem__, firsts))
@@ -360,10 +349,10 @@ class _Checker:
         if got != want:
             ino = one[_first_diff(got, want)]
             raise self.fail(f"nid {nid_of[ino]}: flat data at block {cores[ino][_IU]} is not where index inode {ino} lies")
-        for ino in [ino for ino in regs if bcol[ino] != 1 or formats[ino] != _FW_PLAIN]:
+        for ino in [ino for ino in regs if bcol[ino] != 1 or formats[ino] != d.FORMAT_PLAIN]:
             core = cores[ino]
             if not bcol[ino]:  # empty
-                if core[_FORMAT] != _FW_PLAIN:
+                if core[_FORMAT] != d.FORMAT_PLAIN:
                     raise self.fail(f"empty file nid {nid_of[ino]} has layout {(core[_FORMAT] >> 1) & 7}")
                 continue
             self.file(nid_of[ino], core, ino)
@@ -377,7 +366,7 @@ class _Checker:
                 if self.read(self.flat_data(nid, core, in_meta=True)) != src.targets[ino]:
                     raise self.fail(f"nid {nid}: symlink target differs from index inode {ino}")
                 continue
-            if core[_FORMAT] != _FW_PLAIN or core[_SIZE]:
+            if core[_FORMAT] != d.FORMAT_PLAIN or core[_SIZE]:
                 raise self.fail(f"special file nid {nid}: layout {(core[_FORMAT] >> 1) & 7}, size {core[_SIZE]}")
             if kind in (stat.S_IFCHR, stat.S_IFBLK) and d.decode_dev(core[_IU]) != (acol[ino], bcol[ino]):
                 raise self.fail(f"nid {nid}: device {d.decode_dev(core[_IU])} instead of {(acol[ino], bcol[ino])}")
@@ -399,13 +388,13 @@ class _Checker:
             if cid >= len(src.chunks) or off % d.BLOCK_SIZE or off + min(cs, size - k * cs) > src.chunks[cid].ulen:
                 raise self.fail(f"index inode {ino}: piece {k} does not fit chunk {cid}")
             expect.append(self.img.chunk_blocks[cid] + off // d.BLOCK_SIZE)
-        if core[_FORMAT] == _FW_CHUNKED:
+        if core[_FORMAT] == d.FORMAT_CHUNKED:
             addrs, chunk_bytes = self.chunk_map(nid, core)
             if len(expect) > 1 and chunk_bytes != cs:
                 raise self.fail(f"nid {nid}: chunks of {chunk_bytes} bytes, the index cuts at {cs}")
             if chunk_bytes < min(cs, size) or addrs != expect:
                 raise self.fail(f"nid {nid}: chunk map differs from index inode {ino}")
-        elif core[_FORMAT] == _FW_PLAIN:
+        elif core[_FORMAT] == d.FORMAT_PLAIN:
             self.flat_data(nid, core, in_meta=False)
             step = cs // d.BLOCK_SIZE
             if expect != [core[_IU] + k * step for k in range(len(expect))]:

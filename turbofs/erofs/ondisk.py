@@ -38,6 +38,10 @@ LAYOUT_FLAT_PLAIN: Final = 0
 LAYOUT_FLAT_INLINE: Final = 2
 LAYOUT_CHUNK_BASED: Final = 4
 INODE_EXTENDED: Final = 1
+#: i_format of the extended inodes written here, one per data layout.
+FORMAT_PLAIN: Final = INODE_EXTENDED | LAYOUT_FLAT_PLAIN << 1
+FORMAT_INLINE: Final = INODE_EXTENDED | LAYOUT_FLAT_INLINE << 1
+FORMAT_CHUNKED: Final = INODE_EXTENDED | LAYOUT_CHUNK_BASED << 1
 
 #: chunk_info.format: bits 0-4 are log2(chunk size / block size); bit 5 asks for 8-byte
 #: chunk indexes instead of the 4-byte block address array written here.

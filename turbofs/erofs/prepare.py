@@ -20,12 +20,8 @@ log = logging.getLogger("turbofs.erofs")
 def prepare_image(index: fmt.Index, *, cache_dir: Path | None = None,
                   cache_bytes: int = DEFAULT_EROFS_META_CACHE_BYTES) -> ErofsImage:
     """The checked erofs image of ``index``, from ``<cache_dir>/erofs/`` or built. Raises
-    ErofsError: never mount it then.
-
-    Cached metadata goes through the same :func:`check_erofs` as fresh metadata (its sha256
-    only shows it is the file that was written); one that fails is removed and built again,
-    so a damaged cache costs a build, never a wrong mount.
-    """
+    ErofsError: never mount it then. Cached metadata is checked like fresh metadata; one that
+    fails is rebuilt, so a damaged cache costs a build, never a wrong mount."""
     ms: dict[str, float] = {"load_ms": 0.0, "build_ms": 0.0, "check_ms": 0.0, "store_ms": 0.0}
     t0 = time.monotonic()
 

@@ -8,29 +8,16 @@
     data region      every chunk of the index, in chunk id order, each at a block-aligned
                      address, zero-padded to a whole block (holes take no room)
 
-No chunk is re-encoded: because every file's data starts 4 KiB-aligned inside its
-uncompressed chunk and large files are cut at fixed power-of-two offsets
-(``docs/format.md``), file piece *k* of a large file is exactly the block range of its chunk,
-and a packed small file is the blocks of its chunk from ``offset / 4096`` on. So:
+No chunk is re-encoded: file data starts 4 KiB-aligned in its chunk and large files are cut
+at power-of-two offsets (docs/format.md), so each file piece is a block range of its chunk.
+A file whose pieces lie back to back is flat; any other is chunk-based (chunk size = turbo
+chunk size, ``NULL_ADDR`` for a hole). Directory and symlink tails are inline when they fit
+in the inode's block. Xattrs used by two or more inodes are shared.
 
-* a regular file with one piece (or pieces that lie back to back) is a flat file whose
-  data starts at that block;
-* any other regular file is chunk-based with ``chunk size = turbo chunk size`` and a 4-byte
-  block address per piece (``NULL_ADDR`` for a hole);
-* directories and symlinks keep their last partial block inline after the inode when it
-  fits in the inode's block, and in a block of their own otherwise;
-* devices carry their number in the inode; xattrs used by two or more inodes are shared,
-  the others are inline.
-
-The build runs at mount time, so it is written for speed: the index is read as columns
-(:meth:`turbofs.core.format.Index.inode_columns`), Python code runs per inode only where an inode
-needs a decision (a directory, a symlink, xattrs, a file of several pieces), and the inode
-cores and directory entries are packed by ``map`` over those columns (timings:
-bench/README.md, "erofs").
-
-:class:`ErofsImage` holds the metadata bytes (in memory) and maps any byte range of the
-virtual file to metadata bytes, chunk slices and zeros (:meth:`ErofsImage.read`), which is
-all the FUSE layer needs to serve it.
+The build runs at mount time: it reads the index as columns
+(:meth:`turbofs.core.format.Index.inode_columns`) and runs Python per inode only where an
+inode needs a decision. :meth:`ErofsImage.read` maps any byte range of the virtual file to
+metadata bytes, chunk slices and zeros.
 """
 
 from __future__ import annotations
@@ -59,9 +46,6 @@ VOLUME_NAME: Final = b"turbofs"
 #: metadata cached by an earlier version is never taken for this one's.
 WRITER_VERSION: Final = 2
 
-_FW_PLAIN: Final = d.INODE_EXTENDED | d.LAYOUT_FLAT_PLAIN << 1
-_FW_INLINE: Final = d.INODE_EXTENDED | d.LAYOUT_FLAT_INLINE << 1
-_FW_CHUNKED: Final = d.INODE_EXTENDED | d.LAYOUT_CHUNK_BASED << 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +317,7 @@ def build_erofs(index: fmt.Index, *, volume_name: bytes = VOLUME_NAME) -> ErofsI
 
     # pass 1: the other inodes' sizes and positions, in inode order (the root first)
     pos_of = [0] * n
-    fw_of = [_FW_PLAIN] * n
+    fw_of = [d.FORMAT_PLAIN] * n
     icount_of = [0] * n
     size_of = [0] * n
     iu_of = [0] * n
@@ -365,7 +349,7 @@ def build_erofs(index: fmt.Index, *, volume_name: bytes = VOLUME_NAME) -> ErofsI
                     iu_of[ino] = first
                     flat.append(ino)
                 else:
-                    fw_of[ino] = _FW_CHUNKED
+                    fw_of[ino] = d.FORMAT_CHUNKED
                     bits = chunk_bits if len(refs) > 1 else max(0, (size - 1).bit_length() - d.BLOCK_BITS)
                     iu_of[ino] = bits
                     maps.append((ino, [d.NULL_ADDR if rcid == fmt.HOLE else rel_blocks[rcid] + (off >> d.BLOCK_BITS)
@@ -409,7 +393,7 @@ def build_erofs(index: fmt.Index, *, volume_name: bytes = VOLUME_NAME) -> ErofsI
             else:
                 whole += 1
             if inline:
-                fw_of[ino] = _FW_INLINE
+                fw_of[ino] = d.FORMAT_INLINE
         if kind == stat.S_IFDIR:
             dirs.append((ino, ent_names, [c for _, c in ents], cuts, inline))
         elif kind == stat.S_IFLNK:

@@ -8,15 +8,11 @@ erofs mount on top of it.
     MOUNTPOINT                  erofs mounted from <state>/erofs/image.erofs (file-backed;
                                 a loop device on kernels without file-backed mounts)
 
-:meth:`ErofsMount.start` (after FUSE_INIT) raises the FUSE readahead, reads the metadata
-region once so the kernel's metadata reads hit the page cache, mounts erofs, then detaches
-the private FUSE mount. From then on only the erofs superblock holds the image file open:
-the FUSE session, and the daemon with it, ends exactly when the kernel lets go of the erofs
-mount, and a killed daemon leaves no FUSE mount behind (:func:`unmount_dead_erofs` removes
-its erofs mount).
-
-open(O_DIRECT) of a file on a file-backed erofs mount fails with EINVAL (erofs does direct
-I/O only on a block device); the loop fallback allows it, and so does ``--mode fuse``.
+:meth:`ErofsMount.start` (after FUSE_INIT) raises the FUSE readahead, warms the metadata in
+the page cache, mounts erofs and detaches the private FUSE mount: the erofs superblock alone
+holds the image file open, so the daemon ends when the kernel lets go, and a killed daemon
+leaves no FUSE mount (:func:`unmount_dead_erofs` removes its erofs mount). O_DIRECT opens fail
+with EINVAL on a file-backed mount (the loop fallback and ``--mode fuse`` allow them).
 """
 
 from __future__ import annotations

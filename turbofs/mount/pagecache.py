@@ -1,12 +1,11 @@
 """The push of a recorded startup's chunks into the kernel's page cache of the erofs image
 file (``[daemon] startup_notify_store``).
 
-erofs reads the image file buffered, through the FUSE file's page cache. Each startup chunk
-the prefetcher brings in is stored there (``pyfuse3.notify_store`` of the chunk's blocks,
-zero-padded to whole blocks as reads serve them), so the startup's reads of it are answered
-by the kernel without a FUSE request. The pushes run in a thread of their own: the kernel
-locks the pages it stores into, and a page under a FUSE read stays locked until the daemon's
-main loop answers that read.
+erofs reads the image file through the FUSE file's page cache; each startup chunk the
+prefetcher brings in is stored there (``pyfuse3.notify_store``, zero-padded to whole blocks),
+so the startup's reads need no FUSE request. The pushes run in their own thread: the kernel
+locks the pages it stores into, and a page under a FUSE read stays locked until the main
+loop answers that read.
 """
 
 from __future__ import annotations

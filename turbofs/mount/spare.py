@@ -1,16 +1,11 @@
 """A spare mount daemon: a process started ahead of need, its interpreter up and the
 daemon's modules imported, waiting for the arguments of one ``turbofs mount``.
 
-``python -m turbofs.mount.spare EVENTS_FD`` imports what the daemon runs on, writes
-``spare`` to ``EVENTS_FD`` (the pipe the mount's ``ready`` will come through too), then
-reads one line from stdin: a JSON object ``{"argv": [...], "log": PATH}``. It sends its
-output to ``PATH`` and runs ``turbofs ARGV --foreground --ready-fd EVENTS_FD``: from then
-on it is that mount's daemon, as if it had been started for it. End of input instead of a
-line (its starter went away or no longer needs it): it exits.
-
-A starter (:class:`turbofs.mount.ctl.SpareDaemon`, kept by the snapshotter) saves the
-interpreter's start and the imports on the way from a Prepare to a ready mount: the time
-before a lazily pulled container's process starts.
+``python -m turbofs.mount.spare EVENTS_FD`` writes ``spare`` to ``EVENTS_FD`` (the pipe the
+mount's ``ready`` comes through too), then reads one line from stdin, ``{"argv": [...],
+"log": PATH}``, and becomes that mount's daemon (``turbofs ARGV --foreground --ready-fd
+EVENTS_FD``, output to ``PATH``); end of input instead: it exits. Its starter
+(:class:`turbofs.mount.ctl.SpareDaemon`) saves the interpreter start on the way to a ready mount.
 """
 
 from __future__ import annotations

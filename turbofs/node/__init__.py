@@ -1,16 +1,9 @@
 """The node daemon's core, without FUSE: chunk sources, the two-tier chunk cache, the reader
 with single-flight and readahead, background prefetch, and metrics.
 
-A FUSE tree (one file per index entry) or a FUSE file holding a kernel erofs image sits on
-top of :class:`ChunkReader`; neither needs anything else from here but a
-:class:`Prefetcher` and :class:`NodeMetrics`::
-
-    opened = await open_image("localhost:5050/app:latest")     # manifest + config + index
-    cache = ChunkCache.from_config(cfg)                          # shared by every mount
-    async with ChunkReader(opened.index, opened.source, cache, cfg) as reader:
-        prefetcher = Prefetcher(reader)
-        nursery.start_soon(prefetcher.run)
-        data = await reader.read(ino, offset, length)             # ReadError -> EIO
+A presentation needs only :func:`open_image`, a :class:`ChunkCache` (shared by every mount),
+a :class:`ChunkReader` over them, a :class:`Prefetcher` and :class:`NodeMetrics`; a
+:class:`ReadError` from ``reader.read`` becomes EIO.
 """
 
 from turbofs.node.cache import ChunkCache, DiskCache, RamCache

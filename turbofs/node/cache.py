@@ -1,19 +1,16 @@
 """The chunk cache: a RAM tier of decompressed chunks over a disk tier shared by the node.
 
-* **RAM** (:class:`RamCache`): decompressed chunks bounded in bytes, least recently used
-  out first, so a chunk is decompressed once however many reads touch it.
-* **Disk** (:class:`DiskCache`): uncompressed chunks in ``<dir>/<2 hex>/<64 hex>``, named by
-  their sha256 (``sha256sum -c`` works on it), shared by every image and mount, bounded in
-  bytes with LRU eviction, kept across restarts. Raw chunks rather than zstd frames: a disk
-  hit then costs no second decompression on the cold-start path.
+* **RAM** (:class:`RamCache`): decompressed chunks, bounded in bytes, LRU, so a chunk is
+  decompressed once however many reads touch it.
+* **Disk** (:class:`DiskCache`): uncompressed chunks in ``<dir>/<2 hex>/<64 hex>`` named by
+  their sha256, shared by every image and mount, bounded in bytes (LRU), kept across
+  restarts; raw rather than zstd, so a disk hit costs no second decompression.
 
-Both tiers take only a :class:`~turbofs.core.codec.VerifiedChunk`. Disk files are written
-to a temporary name and renamed, without fsync: after a crash a file may be torn, so a file
-is checked against its name before use, unless this process wrote or checked it and it
-keeps the stamp (inode, size, nanosecond mtime) it had then. Trust from a frame check
-extends only to chunks with the same frame digest, since a frame digest vouches for bytes
-only as its own index describes them. Disk I/O runs in worker threads; eviction never
-removes a file being read (readers pin it); several daemons may share one directory.
+Both tiers take only a :class:`~turbofs.core.codec.VerifiedChunk`. Disk files are renamed into
+place without fsync, so a file is checked against its name before use unless this process
+wrote or checked it and it keeps that stamp (inode, size, mtime ns); trust from a frame check
+extends only to chunks with the same frame digest. Eviction never removes a file being read
+(readers pin it); several daemons may share one directory.
 """
 
 from __future__ import annotations
@@ -37,8 +34,8 @@ from lru import LRU
 
 from turbofs.core.codec import VerifiedChunk, verify_data
 from turbofs.core.config import (
+    CACHE_STALE_TEMP,
     DISK_CACHE_BLOCK,
-    DISK_CACHE_STALE_TEMP,
     RAM_CACHE_MAX_ENTRIES,
     DaemonConfig,
 )
@@ -259,7 +256,7 @@ class DiskCache:
             age = now - path.stat().st_mtime
         except FileNotFoundError:
             return
-        if not _pid_alive(pid) or age > DISK_CACHE_STALE_TEMP:
+        if not _pid_alive(pid) or age > CACHE_STALE_TEMP:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self.stats.removed_temps += 1

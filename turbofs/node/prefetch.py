@@ -1,18 +1,15 @@
 """Background prefetch of an image's chunks into the disk tier, in the index's order.
 
-Two phases. **Startup**: a recorded startup's chunks (the index's startup section) first,
-in first-use order, in small batches at full parallelism, into RAM as well: reads will
-want them soon, so this phase does not yield to reads. **Background**: the rest of the
-prefetch order, in batches of adjacent chunks (``prefetch_batch_bytes``, mostly one range
-each), ``prefetch_parallel`` at a time, optionally capped in bandwidth, to disk only.
+**Startup**: a recorded startup's chunks first, in first-use order, small batches at full
+parallelism, into RAM too; it does not yield to reads, which will want them soon.
+**Background**: the rest, in batches of adjacent chunks (``prefetch_batch_bytes``),
+``prefetch_parallel`` at a time, optionally bandwidth-capped, to disk only.
 
-Both go through :meth:`ChunkReader.prefetch`, sharing its single-flight table. Demand
-reads jump the queue: prefetch has its own fetch slots, and no background batch starts
-while a read waits or until reads have been quiet for ``prefetch_quiet`` seconds (on one
-link a read's response would queue behind the batches). A failed batch is retried after
-an exponential backoff with jitter; a chunk corrupt twice is counted and skipped. Prefetch
-stops after writing ``prefetch_disk_share`` of the disk bound, since going on would evict
-the first chunks it fetched, the most useful ones.
+Both go through :meth:`ChunkReader.prefetch` (one single-flight table). No background batch
+starts while a read waits or until reads have been quiet for ``prefetch_quiet`` seconds, so a
+read's response never queues behind batches. Failed batches are retried with backoff; a chunk
+corrupt twice is skipped. Prefetch stops at ``prefetch_disk_share`` of the disk bound, since
+more would evict its own first, most useful chunks.
 """
 
 from __future__ import annotations

@@ -3,32 +3,22 @@
 ``read(ino, offset, length)``::
 
     map_range -> slices of chunks (holes read as zeros)
-      -> RAM tier hit: slice the decompressed chunk (no await, no thread)
-      -> disk tier hit on a file this process trusts, all in the page cache: the same
-         (``preadv(RWF_NOWAIT)``, no sha256)
+      -> RAM tier hit, or disk tier hit all in the page cache (``RWF_NOWAIT``, a file this
+         process trusts): slice it, no await, no thread
       -> else join or start a *flight* for the chunk, wait (at most read_timeout):
            disk tier (verified) or source.fetch (coalesced ranges)
            -> codec: frame check + decompress, once -> cache (disk, + RAM) -> every waiter
 
-Chunk states are explicit: ``MISSING -> FETCHING -> CACHED``, and a failed fetch goes
-back to ``MISSING`` (:class:`ChunkState`; a flight refuses any other transition).
-FETCHING covers loading from the disk tier too: a chunk counts as cached in RAM or on
-disk, and a read of a chunk found on disk only waits on a (short) flight like any other. One
-flight per chunk however many readers wait (a ``trio.Event``); its result or its error
-reaches all of them. A chunk whose bytes do not match its digest is fetched once more,
-then the read fails with :class:`~turbofs.node.errors.ChunkCorrupt`: wrong bytes are never
-returned and never cached. A read that waits longer than ``read_timeout`` fails with
-:class:`~turbofs.node.errors.FetchTimeout`, naming the image, the file, the chunk and the
-cause; the fetch itself goes on (bounded by ``fetch_timeout``) for whoever asks next.
+Chunk states: ``MISSING -> FETCHING -> CACHED``, a failed fetch back to ``MISSING``
+(:class:`ChunkState`). One flight per chunk, whatever the number of waiters; its result or
+error reaches all of them. Bytes that do not match their digest are fetched once more, then
+the read fails with :class:`~turbofs.node.errors.ChunkCorrupt`: never returned, never cached.
+A read waiting past ``read_timeout`` fails with :class:`~turbofs.node.errors.FetchTimeout`;
+the fetch goes on in the reader's own nursery for whoever asks next.
 
-Fetches run in the reader's own nursery, so a reader that gives up (timeout, interrupted
-FUSE request) never cancels the fetch others wait on. Demand fetches (and readahead)
-have their own slot budget (``demand_parallel``); prefetch (:mod:`turbofs.node.prefetch`)
-has another and pauses while demand reads wait, so demand reads always jump the queue.
-Sequential reads of a file (``readahead_trigger`` in a row, :class:`SequentialReads`) fetch
-the next ``readahead_chunks`` chunks ahead into RAM.
-
-The presentations use the reader only through :class:`PresentationReader`.
+Demand reads and readahead (:class:`SequentialReads`) have their own slots
+(``demand_parallel``); prefetch (:mod:`turbofs.node.prefetch`) has others and pauses while
+demand reads wait. The presentations use the reader only through :class:`PresentationReader`.
 """
 
 from __future__ import annotations

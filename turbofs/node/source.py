@@ -1,18 +1,12 @@
 """Where chunks come from: a registry (lazily, by byte ranges) or a local turbo layout.
 
-:class:`ChunkSource` is the one seam between the node's reader and the outside: given
-chunks, it returns their compressed zstd frames, unverified (the reader decompresses and
-checks each against its digest). Two implementations:
-
-* :class:`RegistrySource`: chunks adjacent in the same blob become one byte range, and the
-  ranges go out through :meth:`RegistryClient.get_ranges` (one batched request to a turbofs
-  registry, parallel ``Range`` GETs to any other).
-* :class:`LayoutSource`: reads the chunk blobs of a local turbo OCI layout (``turbofs mount
-  ./layout``), in a worker thread.
-
-:func:`open_image` opens a reference for mounting: it fetches only the manifest and config
-(through the client's resolver) and the index blob, all verified, and returns them with the
-source for the chunks.
+:class:`ChunkSource` is the one seam between the node's reader and the outside: it returns
+chunks' compressed frames, unverified (the reader checks them).
+:class:`RegistrySource` merges adjacent chunks into ranges for
+:meth:`RegistryClient.get_ranges` (batched on a turbofs registry, parallel ``Range`` GETs
+elsewhere); :class:`LayoutSource` reads a local turbo OCI layout in a worker thread.
+:func:`open_image` fetches and verifies the manifest, config and index, and returns them with
+the source.
 """
 
 from __future__ import annotations

@@ -1,37 +1,22 @@
 """Apply one layer's tar stream to a directory in overlayfs's diff format.
 
-This is what containerd does when it unpacks a layer into a snapshot of an overlay
-snapshotter (it writes straight into the new snapshot's upper directory, converting the OCI
-whiteouts), so a layer applied here is the same directory a plain pull through the same
-snapshotter would have made. The snapshotter uses it to turn a placeholder into a real
-layer (:meth:`turbofs.snapshotter.core.Snapshotter._materialize`).
+The same directory containerd's unpack into an overlay snapshot makes; the snapshotter uses
+it to turn a placeholder into a real layer
+(:meth:`~turbofs.snapshotter.core.Snapshotter._materialize`).
+The layer rules are docs/format.md's (held once in :mod:`turbofs.core.fstree`: in-root
+symlinks, the xattr rule, unsafe names refused with :class:`~turbofs.core.errors.UnsafeEntry`);
+what differs for an overlay diff:
 
-* Regular files, directories, symlinks, hard links (to a file of the same layer only; the
-  inode keeps its metadata, as in the builder and umoci, where containerd applies the link
-  entry's), character and block devices and fifos, with mode (set-id and sticky bits too), owner,
-  mtime and extended attributes (:func:`turbofs.core.fstree.pax_xattrs`: never
-  ``trusted.*``); directory mtimes are set last, so that what is created in them does not
-  change them.
-* ``.wh.NAME`` becomes a character device 0/0 named ``NAME`` (overlayfs's whiteout), with
-  the whiteout entry's owner; ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its
-  directory; other ``.wh..wh.*`` names (aufs metadata) are skipped.
-* The OCI rule that a whiteout hides only what lower layers hold: a whiteout of a name this
-  layer already created leaves that entry (a directory becomes opaque), and a directory the
-  layer creates after whiting out its name is opaque. (Here containerd 1.6 differs: it fails
-  on the first, and on the second leaves the directory transparent, so that the lower
-  directory's files show through it again.)
-* Parent directories a layer does not list are created as the nearest lower layer has them
-  (mode, owner, times, xattrs other than ``trusted.*``), or 0755 root with the current time.
-* An entry replaces what the layer put at its path before, except a directory over a
-  directory, which keeps its content and takes the new metadata.
-* Symlinks in the parent path of an entry are followed inside the root only
-  (:func:`turbofs.core.fstree.resolve`). Entry names that are absolute or contain ``..``, hard link
-  targets outside the layer and entries below a non-directory are refused with
-  :class:`~turbofs.core.errors.UnsafeEntry`.
-* The entry for the root directory itself is ignored, as containerd does.
+* ``.wh.NAME`` becomes a character device 0/0 ``NAME`` (overlayfs's whiteout) with the
+  entry's owner; ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory.
+* A whiteout of a name this layer created leaves that entry (a directory becomes opaque),
+  and a directory created after whiting out its name is opaque (containerd 1.6 differs).
+* Hard links reach files of the same layer only; the inode keeps its metadata.
+* Parents the layer does not list are created as the nearest lower layer has them, else
+  0755 root; directory mtimes are set last; the root's own entry is ignored.
 
-Applying does not make the result atomic: the caller applies into a fresh directory and
-renames it into place once the layer's digests are verified.
+Not atomic: the caller applies into a fresh directory and renames it into place once the
+layer's digests are verified.
 """
 
 from __future__ import annotations

@@ -2,44 +2,27 @@
 
 Two kinds of snapshots live side by side:
 
-* **Local** snapshots, as containerd's overlayfs snapshotter makes them: each has a folder
-  ``<root>/snapshots/<id>/`` with ``fs`` (its files, or an overlay's upper directory) and
-  ``work`` (overlay's work directory). An active snapshot without a parent is a bind mount of
-  its empty ``fs``; with parents it is an overlay whose lower directories are the parents'
-  ``fs``, nearest first; committing it freezes it. Plain images unpack this way (containerd
-  applies each layer into an active snapshot and commits it as the layer's chain ID).
+* **Local** snapshots, as containerd's overlayfs snapshotter makes them:
+  ``<root>/snapshots/<id>/{fs,work}``; active ones are a bind mount (no parent) or an overlay
+  over the parents' ``fs``, nearest first. Plain images unpack this way.
 * **Remote** snapshots stand for a turbo image. A Prepare whose labels name a turbo image
-  (``turbofs pull``'s ``containerd.io/snapshot/turbofs.*`` labels, or the CRI plugin's
-  ``cri.image-ref`` + ``cri.manifest-digest`` for a turbo image or a plain image with a turbo
-  twin) and whose ``containerd.io/snapshot.ref`` target is one of the image's chain IDs is
-  answered ALREADY_EXISTS after recording a committed snapshot for the target: containerd
-  then skips the unpack of that layer. The image's **top** chain ID is a real snapshot: its
-  files are the turbofs mount of the image (one per manifest, shared by all its snapshots and
-  containers, kept while any snapshot of the image exists). ``turbofs pull`` prepares the top
-  alone, without a parent, so it leaves the chain IDs below it free: a plain image sharing
-  base layers with the turbo image unpacks them as real layers, in the same namespace.
-  containerd's own unpacker (the CRI plugin) prepares every layer in turn, each on the one
-  below; the chain IDs below the top then become **placeholders**: a turbo image is
-  flattened, so no layer below the top can be shown on its own. A placeholder becomes a real
-  local snapshot when something needs it (a Prepare or View on it, a Mounts of it): that
-  happens when, in the CRI's namespace, a plain image sharing base layers with a lazily
-  pulled one is pulled after it. The layer it stands for (its ``cri.layer-digest`` label,
-  from the registry of ``cri.image-ref``) is fetched, verified (blob digest, chain ID and
-  diff ID from the image's manifest and config) and applied in overlayfs's format
-  (:mod:`turbofs.snapshotter.apply`) into a new folder renamed into place; once, however many
-  ask; a failure leaves it a placeholder and answers with an error naming the layer and the
-  cause (:class:`~turbofs.snapshotter.errors.LayerFailed`). A placeholder without those
-  labels (``turbofs pull`` never makes one) cannot be mounted: FAILED_PRECONDITION.
-  Placeholders are never offered in place of real layers; pulled *before* the lazy image,
-  the plain image's layers are real and the turbo image stands on them.
+  (``turbofs pull``'s ``containerd.io/snapshot/turbofs.*``, or the CRI's ``cri.image-ref`` +
+  ``cri.manifest-digest``) for one of its chain IDs is answered ALREADY_EXISTS, so containerd
+  skips that layer's unpack. The **top** chain ID's files are the image's turbofs mount (one
+  per manifest, kept while any snapshot of the image exists); ``turbofs pull`` prepares the
+  top alone, leaving the chain IDs below free for plain images that share them.
+  containerd's own unpacker prepares every layer; the chain IDs below the top then become
+  **placeholders** (a turbo image is flattened). A placeholder becomes a real local snapshot
+  only when something needs it: its layer (``cri.layer-digest``) is fetched, verified (blob
+  digest, chain ID, diff ID) and applied (:mod:`turbofs.snapshotter.apply`), once; a failure
+  leaves it a placeholder (:class:`~turbofs.snapshotter.errors.LayerFailed`), and one without
+  those labels cannot be mounted (FAILED_PRECONDITION). Placeholders never stand in for real
+  layers.
 
-A container of a turbo image is an active snapshot whose parent is the top: an overlay with
-its own upper directory over the turbofs mount; what the container writes lands in
-``<root>/snapshots/<id>/fs``, never in the image or the chunk cache.
-
-Names: local snapshots carry the key containerd gives (``NAMESPACE/N/KEY``); remote ones are
-named ``turbofs/<chain ID>`` (``turbofs/<chain ID>/<hash of parent>`` below a parent), so one
-chain ID may be remote under one parent and local under another.
+A container of a turbo image is an overlay with its own upper directory over the mount; its
+writes never reach the image or the chunk cache. Local snapshots carry containerd's key
+(``NAMESPACE/N/KEY``); remote ones are ``turbofs/<chain ID>[/<hash of parent>]``, so a chain
+ID may be remote under one parent and local under another.
 """
 
 from __future__ import annotations
@@ -309,10 +292,8 @@ class Snapshotter:
             return self._placeholder_locks.setdefault(name, threading.Lock())
 
     def _materialize(self, snap: Snapshot) -> Snapshot:
-        """Turn placeholder ``snap`` into the real layer it stands for (its parents first):
-        fetch the layer its CRI labels name, verify it, apply it into a new folder and rename
-        that into place. Once, however many ask at the same time; a failure leaves it a
-        placeholder and raises an error naming the layer and the cause."""
+        """Turn placeholder ``snap`` into the real layer it stands for (its parents first); once,
+        however many ask. A failure leaves it a placeholder and names the layer and the cause."""
         with self._placeholder_lock(snap.name):
             cur = self.store.get(snap.name)
             if cur is None:
@@ -486,24 +467,13 @@ class Snapshotter:
         return snap
 
     def usage(self, key: str) -> Usage:
-        """What a snapshot holds, as containerd's overlayfs snapshotter counts it where the
-        kinds are the same, and what a turbo image presents where they are not:
+        """What a snapshot holds, counted as containerd's overlayfs snapshotter does:
 
-        * active (a container, an unpack in progress): the blocks and inodes of its own upper
-          directory, now (each hardlinked inode once);
-        * committed local (an unpacked layer): the same, counted at commit;
-        * view: 0 (it has no directory of its own; containerd's overlayfs says 0 too);
-        * the top of a turbo image: what the image presents, from its index -- the apparent
-          bytes of its regular files and its number of inodes. Not the node's disk: the files
-          are fetched lazily into the chunk cache, which is shared by all images and bounded
-          on its own (``turbofs status``); but the figure containerd's users expect from a
-          committed snapshot is the size of the file system it shows, and this is it, the
-          same on every node and before any byte is fetched. Read from the registry once
-          (the index blob, verified) and kept in the snapshot's record;
-        * a placeholder below a turbo image's top: 0, it presents no files of its own (the
-          whole image is counted at the top); once it became a real layer, as a committed
-          local snapshot (counted when it was applied).
-        """
+        * active: its upper directory's blocks and inodes, now (hardlinks once);
+        * committed local: the same, counted at commit; view: 0;
+        * a turbo image's top: what the image presents (apparent bytes, inodes), read once from
+          the verified index; not the node's disk (the chunk cache is shared and bounded apart);
+        * a placeholder: 0 (the whole image counts at the top)."""
         snap = self._get(key)
         if snap.remote == L.REMOTE_TOP:
             if snap.inodes == 0:
@@ -551,10 +521,9 @@ class Snapshotter:
                     entry.rmdir()
 
     def recover(self, *, background: bool = True) -> threading.Thread | None:
-        """At start: re-attach the turbofs mounts that are alive, release those no snapshot
-        refers to, and mount again those that died (in a thread unless ``background`` is
-        False, so that a registry that is down does not hold up the start; a snapshot that
-        needs one of them meanwhile waits for it)."""
+        """At start: re-attach the live turbofs mounts, release unreferenced ones, and remount dead
+        ones (in a thread unless not ``background``, so a registry that is down does not hold up
+        the start; a snapshot needing one waits for it)."""
         dead: list[MountRecord] = []
         for rec in self.store.mounts():
             if not self.store.by_image(rec.digest):

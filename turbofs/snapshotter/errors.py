@@ -15,10 +15,9 @@
           ├── LayerFailed ─────────── the cause's code     a placeholder's layer could not be fetched or applied
           └── MountFailed ─────────── UNAVAILABLE         a turbofs mount could not be started
 
-containerd's proxy turns these codes back into its own errors (``errdefs.FromGRPC``):
-ALREADY_EXISTS after a Prepare with a ``containerd.io/snapshot.ref`` label is how a remote
-snapshotter says "this layer is ready, skip the unpack". Anything else that escapes is a bug:
-INTERNAL, with the exception's text, and the server keeps serving.
+containerd's proxy maps the codes back (``errdefs.FromGRPC``); ALREADY_EXISTS on a Prepare with
+``containerd.io/snapshot.ref`` means "skip the unpack". Anything else that escapes is a bug:
+INTERNAL, and the server keeps serving.
 """
 
 from __future__ import annotations

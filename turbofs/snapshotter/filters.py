@@ -1,12 +1,9 @@
 """containerd's filter syntax, for ``List`` (``ctr snapshots ls`` and containerd's own walks).
 
-A filter is ``selector[,selector...]``, all of which must match; several filters match if any
-does. A selector is ``fieldpath [op value]`` with ``op`` one of ``==``, ``!=``, ``~=``
-(regular expression); without an operator, the field must be present and non-empty. Field
-paths are dot separated, each part a word or a quoted string; values are quoted strings (Go
-syntax: "...", '...' or `...`) or runs of characters without spaces and commas. For
-snapshots the fields are ``name``, ``parent``, ``kind`` (``active``, ``view``,
-``committed``) and ``labels.KEY``. For example containerd, looking for a remote snapshot::
+``selector[,selector...]`` must all match; several filters match if any does. A selector is
+``fieldpath [op value]``, ``op`` one of ``==``, ``!=``, ``~=`` (regexp); without one the field
+must be present and non-empty. Values are Go-quoted strings or runs without spaces and
+commas. Snapshot fields: ``name``, ``parent``, ``kind``, ``labels.KEY``; e.g.::
 
     labels."containerd.io/snapshot.ref"==sha256:ab...,parent=="default/3/sha256:cd..."
 """

@@ -1,13 +1,10 @@
 """The turbofs mounts behind remote snapshots: one per image manifest, shared by every
 snapshot and container of that image on the node.
 
-The snapshotter sees a mount through three methods (:class:`Mounter`): ``mount`` (returns
-once the mount is ready), ``check`` (is it alive) and ``unmount``. :class:`DaemonMounter`
-implements them with ``turbofs mount`` daemons: separate processes in their own sessions,
-so they outlive a snapshotter restart, and a restarted snapshotter finds them again
-(``check``) instead of mounting twice. Their state folders (pid, control socket, log) lie
-under the snapshotter's ``run_dir``; ``turbofs status MOUNTPOINT --run-dir RUN_DIR`` asks one
-for its progress.
+The snapshotter sees a mount through :class:`Mounter` (``mount`` returns once it is ready,
+``check``, ``unmount``). :class:`DaemonMounter` uses ``turbofs mount`` daemons in their own
+sessions, so they outlive a snapshotter restart and are found again by ``check``; their state
+folders lie under ``run_dir`` (``turbofs status MOUNTPOINT --run-dir RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -46,11 +43,9 @@ class Mounter(Protocol):
 class DaemonMounter:
     """``turbofs mount`` daemons (:func:`turbofs.mount.ctl.mount_background`).
 
-    With ``spare`` (the default) it keeps one daemon process started ahead of need
-    (:class:`turbofs.mount.ctl.SpareDaemon`: interpreter up, modules imported) and hands the
-    next mount to it, which takes the daemon's own start off the way from a Prepare to a
-    ready mount; the next spare starts ``spare_delay`` seconds later (a timer thread).
-    """
+    With ``spare`` (the default) it keeps one daemon started ahead of need
+    (:class:`turbofs.mount.ctl.SpareDaemon`) and hands the next mount to it; the next spare
+    starts ``spare_delay`` seconds later (a timer thread)."""
 
     def __init__(self, run_dir: Path, daemon_cfg: DaemonConfig, config_path: Path | None = None, *,
                  spare: bool = True, spare_delay: float = SPARE_REFILL_DELAY) -> None:

@@ -1,17 +1,12 @@
 """Which turbo image a snapshot stands for: from ``turbofs pull``'s labels, or from the
 labels containerd's CRI plugin passes.
 
-:func:`fetch_image` reads a turbo image's manifest and config through the registry client's
-resolver (:meth:`RegistryClient.get_image_manifest`, :meth:`RegistryClient.get_config`) and
-computes the image's chain IDs from the config's ``rootfs.diff_ids``; the index and the chunks
-are the mount's job. :class:`Resolver` adds a cache (a manifest digest names immutable bytes)
-and the CRI rules: the image CRI pulls is used if it is a turbo image; a plain image is used
-through its turbo twin, the same repository with the tag plus ``turbo_tag_suffix`` (what
-``turbofs serve --auto-convert`` writes), when that twin was converted from this very manifest
-(annotation ``io.turbofs.source.manifest``) or carries the very same config.
-
-The snapshotter's gRPC worker threads meet the async registry client in one place only:
-:func:`run_registry_call`.
+:func:`fetch_image` reads a turbo image's manifest and config and computes its chain IDs
+(the index and chunks are the mount's job). :class:`Resolver` caches them per manifest
+digest and applies the CRI rules: a plain image is used through its turbo twin (the tag plus
+``turbo_tag_suffix``, as ``turbofs serve --auto-convert`` writes it) when that twin was
+converted from this very manifest (``io.turbofs.source.manifest``) or has the same config.
+The gRPC worker threads meet the async registry client only in :func:`run_registry_call`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """The snapshotter's metadata: snapshots and turbofs mounts, in SQLite under ``--root``.
 
-One file, ``<root>/metadata.db`` (WAL, every transaction durable before the answer goes back
-to containerd), so a restarted snapshotter knows every snapshot and every mount it made.
-
-``snapshots``: ``name`` is the key containerd gives (``NAMESPACE/N/KEY`` for its own
-snapshots, the chain ID for remote ones); ``parent`` the parent's name; ``kind`` 1 view,
-2 active, 3 committed (containerd's numbers); ``remote`` ``top`` or ``placeholder`` for a
-snapshot that stands for part of a turbo image, whose manifest digest is ``image``.
-``mounts``: one row per turbo image mounted (``digest``), with the pinned reference and the
-mountpoint.
+``<root>/metadata.db`` (WAL, every transaction durable before containerd gets its answer).
+``snapshots``: ``name`` (containerd's key, or ``turbofs/<chain ID>...`` for remote ones),
+``parent``, ``kind`` (containerd's numbers: 1 view, 2 active, 3 committed), ``remote``
+(``top`` or ``placeholder``, with the manifest digest in ``image``). ``mounts``: one row per
+mounted turbo image (``digest``), with the pinned reference and the mountpoint.
 """
 
 from __future__ import annotations
