@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from aiohttp import ClientPayloadError, hdrs, web
 
@@ -35,15 +37,19 @@ from server.errors import (
     ManifestUnknown,
     RangeInvalid,
     SizeInvalid,
+    StorageFull,
     Unsupported,
     error_response,
 )
 from server.offload import offload
-from server.storage import Storage, check_blob_digest, check_name
+from server.storage import Storage, check_blob_digest, check_name, file_id
 from turbofs.core.config import (
     REGISTRY_CATALOG_PAGE,
     REGISTRY_IO_CHUNK,
     REGISTRY_MAX_PAGE,
+    REGISTRY_MAX_RANGE_DIGITS,
+    REGISTRY_MAX_RANGES,
+    REGISTRY_RANGE_MERGE_GAP,
     RegistryConfig,
 )
 from turbofs.core.errors import UsageError
@@ -55,6 +61,8 @@ STORAGE_KEY: Final = web.AppKey("storage", Storage)
 CONFIG_KEY: Final = web.AppKey("config", RegistryConfig)
 
 API_VERSION_HEADER: Final[str] = "Docker-Distribution-API-Version"
+#: errno values of a write that failed for lack of space or quota: answered 507, not 500
+_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 API_VERSION: Final = "registry/2.0"
 
 # -- routing -----------------------------------------------------------------------------
@@ -139,7 +147,14 @@ def _blob_created(name: str, digest: str) -> web.Response:
     )
 
 
-_CONTENT_RANGE_RE: Final = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+# ASCII digits only: \d also matches other scripts' digits, which int() would take
+_CONTENT_RANGE_RE: Final = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?")
+
+
+def _digits_key(digits: str) -> tuple[int, str]:
+    """Orders strings of ASCII digits as the numbers they spell, without converting them."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
 
 
 def _content_range(request: web.Request) -> tuple[int, int] | None:
@@ -147,9 +162,12 @@ def _content_range(request: web.Request) -> tuple[int, int] | None:
     if value is None:
         return None
     m = _CONTENT_RANGE_RE.fullmatch(value.strip())
-    if m is None or int(m[2]) < int(m[1]):
-        raise RangeInvalid(f"invalid Content-Range {value!r}", detail={"contentRange": value[:100]})
-    return int(m[1]), int(m[2])
+    first, last = (_digits_key(m[1]), _digits_key(m[2])) if m else ((0, ""), (0, ""))
+    # a bound past REGISTRY_MAX_RANGE_DIGITS is past any upload (and int() refuses 4300 digits,
+    # leading zeros included: only the significant ones are converted)
+    if m is None or last < first or last[0] > REGISTRY_MAX_RANGE_DIGITS:
+        raise RangeInvalid(f"invalid Content-Range {value[:100]!r}", detail={"contentRange": value[:100]})
+    return int(first[1] or "0"), int(last[1] or "0")
 
 
 def _check_body_size(request: web.Request, offset: int = 0) -> None:
@@ -308,30 +326,40 @@ async def _delete_manifest(request: web.Request, route: Route) -> web.StreamResp
     return web.Response(status=202, headers={hdrs.CONTENT_LENGTH: "0"})
 
 
-_RANGE_SPEC_RE: Final = re.compile(r"(\d*)-(\d*)")
+_RANGE_SPEC_RE: Final = re.compile(r"([0-9]*)-([0-9]*)")
+#: what a Range bound of more than REGISTRY_MAX_RANGE_DIGITS digits stands for: more than
+#: any blob size (it is only compared with sizes, never used as an offset)
+_PAST_ANY_BLOB: Final = 10**REGISTRY_MAX_RANGE_DIGITS
+
+
+def _range_bound(digits: str) -> int:
+    length, significant = _digits_key(digits)
+    return int(significant or "0") if length <= REGISTRY_MAX_RANGE_DIGITS else _PAST_ANY_BLOB
 
 
 def _parse_ranges(value: str, size: int) -> list[tuple[int, int]] | None:
     """The satisfiable ranges of a ``bytes=`` Range header as (start, end exclusive), in
-    the order given; [] if none is satisfiable; None if the header is malformed."""
+    the order given; [] if none is satisfiable; None if the header is malformed. Bounds of
+    any length are taken (RFC 9110 14.1.1): a longer first-pos than any blob size is
+    unsatisfiable, a longer last-pos or suffix-length means to the end."""
     unit, _, specs = value.partition("=")
     if unit.strip().lower() != "bytes":
         return None
     out: list[tuple[int, int]] = []
     for spec in specs.split(","):
-        m = _RANGE_SPEC_RE.fullmatch(spec.strip())
+        m = _RANGE_SPEC_RE.fullmatch(spec.strip(" \t"))  # OWS around the commas
         if m is None or (not m[1] and not m[2]):
             return None
         if not m[1]:  # suffix: the last N bytes
-            n = int(m[2])
+            n = _range_bound(m[2])
             if n > 0 and size > 0:
                 out.append((max(size - n, 0), size))
             continue
-        start = int(m[1])
-        end = int(m[2]) + 1 if m[2] else size
-        if end <= start:
-            return None
+        if m[2] and _digits_key(m[2]) < _digits_key(m[1]):
+            return None  # last-pos before first-pos
+        start = _range_bound(m[1])
         if start < size:
+            end = _range_bound(m[2]) + 1 if m[2] else size
             out.append((start, min(end, size)))
     return out
 
@@ -345,6 +373,19 @@ async def _sendfile(request: web.Request, f: BinaryIO, offset: int, count: int) 
     await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` in ascending order, those that overlap or lie closer than
+    REGISTRY_RANGE_MERGE_GAP merged (RFC 9110 15.3.7.2 allows both): the parts of the answer
+    never hold a byte twice, so it is never larger than the blob plus the part headers."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + REGISTRY_RANGE_MERGE_GAP:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def _open_sized(path: Path) -> tuple[BinaryIO, int]:
     f = open(path, "rb")
     return f, os.fstat(f.fileno()).st_size
@@ -353,15 +394,18 @@ def _open_sized(path: Path) -> tuple[BinaryIO, int]:
 async def _multi_range(
     request: web.Request, path: Path, digest: str, header: str
 ) -> web.StreamResponse:
-    """Answer a Range header with several ranges: 206 multipart/byteranges, each part sent
-    with sendfile(2) like a single range."""
+    """Answer a Range header with several ranges: 206 multipart/byteranges of the coalesced
+    ranges, each part sent with sendfile(2) like a single range. More than REGISTRY_MAX_RANGES
+    ranges: the header is ignored and the whole blob sent (RFC 9110 14.2)."""
+    if header.count(",") >= REGISTRY_MAX_RANGES:
+        return await _whole_blob(request, path, digest)
     f, size = await offload(_open_sized, path)
     with f:  # closing a file opened for reading does no I/O
-        ranges = _parse_ranges(header, size)
-        limit = _config(request).max_batch_ranges
-        if not ranges or len(ranges) > limit:
+        parsed = _parse_ranges(header, size)
+        if not parsed:
             # like FileResponse for one range: 416 with the size, no body
             return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
+        ranges = _coalesce(parsed)
         if len(ranges) == 1:  # one range left: an ordinary 206, as for a single range
             start, end = ranges[0]
             resp = web.StreamResponse(
@@ -407,6 +451,50 @@ async def _multi_range(
         return resp
 
 
+def _read_hashed(f: BinaryIO, h: Any) -> bytes:
+    piece = f.read(REGISTRY_IO_CHUNK)
+    h.update(piece)
+    return piece
+
+
+async def _whole_blob(request: web.Request, path: Path, digest: str) -> web.StreamResponse:
+    """Send the whole blob, hashing it on the way. The last piece is held back until the
+    digest is checked: on a mismatch the blob is quarantined and the connection cut, so the
+    client sees a short body and never the whole of a wrong blob."""
+    storage = _storage(request)
+    f, size = await offload(_open_sized, path)
+    with f:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: "application/octet-stream",
+                "Docker-Content-Digest": digest,
+                hdrs.ACCEPT_RANGES: "bytes",
+            },
+        )
+        resp.content_length = size
+        await resp.prepare(request)
+        if request.method == hdrs.METH_HEAD:
+            return resp
+        h = hashlib.new(digest.split(":", 1)[0])
+        held = b""
+        read = 0
+        while piece := await offload(_read_hashed, f, h):
+            if held:
+                await resp.write(held)
+            held = piece
+            read += len(piece)
+        if read != size or f"{h.name}:{h.hexdigest()}" != digest:
+            fid = file_id(os.fstat(f.fileno()))
+            await offload(storage.quarantine_blob, digest, fid)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write(held)
+        await resp.write_eof()
+        return resp
+
+
 async def _get_blob(request: web.Request, route: Route) -> web.StreamResponse:
     storage = _storage(request)
     digest = check_blob_digest(route.ref)
@@ -416,6 +504,8 @@ async def _get_blob(request: web.Request, route: Route) -> web.StreamResponse:
     range_header = request.headers.get(hdrs.RANGE, "")
     if "," in range_header:
         return await _multi_range(request, path, digest, range_header)
+    if not range_header and request.method == hdrs.METH_GET:
+        return await _whole_blob(request, path, digest)
     # FileResponse sends with sendfile(2) and answers one Range itself (206, 416, HEAD).
     return web.FileResponse(
         path,
@@ -464,17 +554,20 @@ async def _start_upload(request: web.Request, route: Route) -> web.StreamRespons
 
 
 async def _append(request: web.Request, route: Route) -> int:
-    """Stream the request body into upload ``route.ref``; return the new offset."""
+    """Stream the request body into upload ``route.ref``; return the new offset. A 416 carries
+    the upload's Location and Range, as the distribution spec wants."""
     storage = _storage(request)
-    crange = _content_range(request)
-    start = crange[0] if crange is not None else None
-    length = request.content_length
-    if crange is not None and length is not None and crange[1] - crange[0] + 1 != length:
-        raise RangeInvalid(
-            f"Content-Range {crange[0]}-{crange[1]} does not match Content-Length {length}",
-            detail={"contentRange": list(crange), "contentLength": length},
-        )
     try:
+        crange = _content_range(request)
+        start = expected = None
+        length = request.content_length
+        if crange is not None:
+            start, expected = crange[0], crange[1] - crange[0] + 1
+            if length is not None and expected != length:
+                raise RangeInvalid(
+                    f"Content-Range {crange[0]}-{crange[1]} does not match Content-Length {length}",
+                    detail={"contentRange": list(crange), "contentLength": length},
+                )
         if length is not None:
             status = await offload(storage.upload_status, route.ref, repo=route.name)
             if start is not None and start != status.offset:
@@ -483,9 +576,14 @@ async def _append(request: web.Request, route: Route) -> int:
                     detail={"offset": status.offset, "start": start},
                 )
             _check_body_size(request, status.offset)
-        return await storage.upload_append(route.ref, _body(request), start, repo=route.name)
+        return await storage.upload_append(
+            route.ref, _body(request), start, repo=route.name, expected_length=expected
+        )
     except RangeInvalid as exc:
         offset = exc.detail.get("offset") if isinstance(exc.detail, dict) else None
+        if not isinstance(offset, int):
+            with contextlib.suppress(DistributionError, OSError):
+                offset = (await offload(storage.upload_status, route.ref, repo=route.name)).offset
         if isinstance(offset, int):
             headers = _upload_headers(route.name, route.ref, offset)
             del headers[hdrs.CONTENT_LENGTH]
@@ -591,6 +689,15 @@ async def _error_middleware(
         log.info("%s %s: request body broken off: %r", request.method, request.path, exc)
         broken = BlobUploadInvalid(f"request body incomplete: {exc}")
         return error_response(broken, head=request.method == hdrs.METH_HEAD)
+    except OSError as exc:
+        if exc.errno not in _FULL_ERRNOS:
+            log.exception("internal error on %s %s", request.method, request.path)
+            err = DistributionError(f"internal error: {type(exc).__name__}", status=500)
+            return error_response(err, head=request.method == hdrs.METH_HEAD)
+        # the write that failed removed what it had written; the client may try again later
+        log.warning("%s %s: registry storage is full: %s", request.method, request.path, exc.strerror)
+        full = StorageFull(f"registry storage is full: {exc.strerror or 'no space left'}")
+        return error_response(full, head=request.method == hdrs.METH_HEAD)
     except Exception as exc:
         log.exception("internal error on %s %s", request.method, request.path)
         err = DistributionError(f"internal error: {type(exc).__name__}", status=500)

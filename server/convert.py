@@ -24,10 +24,11 @@ from typing import Any, BinaryIO, cast
 
 from index_builder.builder import build
 from index_builder.sources import image_from_manifest
+from server import jsonbody
 from server.offload import offload
 from server.storage import Storage
 from turbofs.core import oci
-from turbofs.core.config import BuildConfig, RegistryConfig
+from turbofs.core.config import REGISTRY_MAX_JSON_DEPTH, BuildConfig, RegistryConfig
 from turbofs.core.errors import NotFound, SourceError, TurboError
 from turbofs.core.image import is_turbo_manifest
 
@@ -168,6 +169,9 @@ class Converter:
             raise SourceError(f"{job.repo}:{job.reference} is already a turbo image")
         config_desc = oci.Descriptor.from_json(manifest.get("config"), f"manifest {digest}: config")
         config = self._read_blob(config_desc.digest, "image config", self.cfg.max_manifest_size)
+        if jsonbody.too_deep(config, REGISTRY_MAX_JSON_DEPTH):  # the builder's parser recurses
+            raise SourceError(f"image config {config_desc.digest} is nested more than "
+                              f"{REGISTRY_MAX_JSON_DEPTH} levels deep")
         src = image_from_manifest(f"{job.repo}@{digest}", manifest, digest, config, self._open_blob)
         scratch = self.storage.scratch_dir(f"convert-{job.id}")  # same file system: imports are renames
         work = scratch / "image"

@@ -18,7 +18,9 @@
           ├── Unauthorized           UNAUTHORIZED           401
           ├── Denied                 DENIED                 403
           ├── Unsupported            UNSUPPORTED            405 / 404 / 400
-          └── TooManyRequests        TOOMANYREQUESTS        429
+          │    └── BlobInUse         UNSUPPORTED            409 (blob delete while a manifest uses it)
+          ├── TooManyRequests        TOOMANYREQUESTS        429
+          └── StorageFull            UNKNOWN                507 (the storage's disk or quota is full)
 
 Storage, auth and the extensions raise them; :func:`error_response` is the one place that
 turns them into the spec's JSON body (``headers=`` adds e.g. ``WWW-Authenticate``).
@@ -134,9 +136,22 @@ class Unsupported(DistributionError):
     status = 405
 
 
+class BlobInUse(Unsupported):
+    """Deleting a blob that a manifest of the repository references."""
+
+    status = 409
+
+
 class TooManyRequests(DistributionError):
     code = "TOOMANYREQUESTS"
     status = 429
+
+
+class StorageFull(DistributionError):
+    """A write failed for lack of space or quota (ENOSPC, EDQUOT). 507 Insufficient Storage
+    says exactly that, and clients do not retry it as they retry 503 (the disk stays full)."""
+
+    status = 507
 
 
 def error_body(*errors: DistributionError) -> bytes:

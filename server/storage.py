@@ -13,6 +13,9 @@ This is the only code that touches the storage folder. Its layout::
       uploads/<uuid>/state.json                           {"repo": ..., "created": ...}
       uploads/<uuid>/data                                 the bytes received so far
       tmp/                                                scratch folders (scratch_dir)
+      quarantine/<algo>/<hex>.<ns>                        blob files whose bytes no longer
+                                                          matched their digest (kept for the
+                                                          operator; never served)
 
 ``<name>`` may have several components. Manifests are blobs too.
 
@@ -21,6 +24,11 @@ and the folder fsynced; the empty ``_layers/`` files are created in place, and u
 are not flushed (a crash loses a session). A blob enters ``blobs/`` only once hashed, matched
 to its digest and fsynced. Names, tags, digests and upload ids are checked against their
 grammar before any path is built from them, which keeps every path inside the folder.
+
+Integrity: a blob file whose bytes no longer match its digest (found by a full-blob read, a
+manifest read, an upload of the same blob, or :meth:`Storage.scrub`) is moved to
+``quarantine/``: the registry no longer has it (HEAD and GET answer 404), its repository links
+stay, so the next upload of the right bytes stores it again and every image is whole again.
 
 Concurrency: every method blocks except :meth:`Storage.upload_append`, which reads its stream
 on the event loop and offloads each write; the app calls the others through
@@ -34,6 +42,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,7 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from server import jsonbody
 from server.errors import (
+    BlobInUse,
     BlobUnknown,
     BlobUploadInvalid,
     BlobUploadUnknown,
@@ -60,7 +71,7 @@ from server.errors import (
     SizeInvalid,
 )
 from server.offload import offload
-from turbofs.core.config import REGISTRY_IO_CHUNK, RegistryConfig
+from turbofs.core.config import REGISTRY_IO_CHUNK, REGISTRY_QUARANTINE_DIR, RegistryConfig
 from turbofs.core.errors import FormatError
 from turbofs.core.oci import (
     DOCKER_MANIFEST,
@@ -82,6 +93,7 @@ MAX_NAME_LENGTH: Final = 255
 _UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 T = TypeVar("T")
+log = logging.getLogger("turbofs.registry")
 
 #: Manifest media types the registry stores (and serves back with the same type).
 MANIFEST_MEDIA_TYPES: Final = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
@@ -124,13 +136,23 @@ def _split(digest: str) -> tuple[str, str]:
 
 
 def _hash_file(path: Path, algo: str) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        return _hash_open(f, algo)
+
+
+def _hash_open(f: Any, algo: str) -> tuple[str, int]:
+    """(digest, size) of what is left to read of the open file ``f``."""
     h = hashlib.new(algo)
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(REGISTRY_IO_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
+    while chunk := f.read(REGISTRY_IO_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
     return f"{algo}:{h.hexdigest()}", size
+
+
+def file_id(st: os.stat_result) -> tuple[int, int]:
+    """Which file a stat result is of (device, inode): a blob replaced meanwhile differs."""
+    return st.st_dev, st.st_ino
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -179,6 +201,18 @@ class UploadStatus:
     offset: int  # bytes received so far
     created: float
     updated: float
+
+
+@dataclass(frozen=True)
+class ScrubReport:
+    """What :meth:`Storage.scrub` found: ``bad`` maps each blob whose bytes did not match its
+    digest to where it was moved (None with ``dry_run``, or if a repair won the race), and
+    ``links`` to the repositories that link it (they get it back with the next upload)."""
+
+    checked: int
+    bytes: int
+    bad: dict[str, Path | None]
+    links: dict[str, list[str]]
 
 
 @dataclass(frozen=True)
@@ -306,13 +340,139 @@ class Storage:
         return [*dirty, link.parent]
 
     def unlink_blob(self, repo: str, digest: str) -> None:
-        """Remove blob ``digest`` from ``repo`` (its bytes stay until garbage_collect)."""
+        """Remove blob ``digest`` from ``repo`` (its bytes stay until garbage_collect).
+
+        Refused (BlobInUse, 409) while a manifest of ``repo`` references the blob (its config,
+        a layer, a turbo index or chunk blob) or the blob is a manifest of ``repo``: removing
+        it would break the image silently; delete those manifests first."""
         link = self._layer_link(repo, digest)
+        users = self.manifests_using(repo, digest) if link.exists() else []
+        if users:
+            raise BlobInUse(
+                f"blob {digest} is used by {len(users)} manifest(s) of {repo} "
+                f"({', '.join(users[:3])}); delete those manifests first",
+                detail={"digest": digest, "manifests": users[:100]},
+            )
         try:
             link.unlink()
         except FileNotFoundError:
             raise BlobUnknown(f"blob {digest} is not in {repo}", detail={"digest": digest}) from None
         fsync_dir(link.parent)
+
+    def manifests_using(self, repo: str, digest: str) -> list[str]:
+        """Digests of the manifests of ``repo`` that reference blob ``digest`` (config or
+        layer), or that are ``digest`` itself; sorted."""
+        users: set[str] = set()
+        base = self._repo_dir(repo) / "_manifests" / "revisions"
+        for algo in _listdir(base):
+            for hexd in _listdir(base / algo):
+                manifest = f"{algo}:{hexd}"
+                if manifest == digest:
+                    users.add(manifest)
+                    continue
+                try:
+                    obj = json.loads(self._blob_file(manifest).read_bytes())  # checked when put
+                except (OSError, ValueError, DigestInvalid):
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                layers = obj.get("layers")
+                descs = [obj.get("config"), *(layers if isinstance(layers, list) else [])]
+                if any(isinstance(d, dict) and d.get("digest") == digest for d in descs):
+                    users.add(manifest)
+        return sorted(users)
+
+    # -- integrity -----------------------------------------------------------------------
+
+    def quarantine_blob(self, digest: str, expected: tuple[int, int] | None = None) -> Path | None:
+        """Move blob ``digest``'s file to ``quarantine/`` (the registry no longer has it; the
+        repository links stay); return where it went, or None if nothing moved.
+
+        ``expected``: the :func:`file_id` of the file found bad; a file that is no longer that
+        one (repaired meanwhile by an upload) is left in place."""
+        src = self._blob_file(digest)
+        algo, hexd = _split(digest)
+        folder = self.root / REGISTRY_QUARANTINE_DIR / algo
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{hexd}.{time.time_ns()}"
+        try:
+            if expected is not None and file_id(src.stat()) != expected:
+                return None
+            os.rename(src, dest)
+        except FileNotFoundError:
+            return None
+        if expected is not None and file_id(dest.stat()) != expected:
+            # a repair replaced the file between the check and the rename: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(dest, src)
+            dest.unlink()
+            return None
+        fsync_dir(src.parent)
+        fsync_dir(folder)
+        log.error("blob %s does not match its digest: moved to %s; the next upload of it "
+                  "repairs it", digest, dest)
+        return dest
+
+    def verify_blob(self, digest: str) -> bool | None:
+        """Whether blob ``digest``'s stored bytes match it; a bad one is quarantined. None if
+        the registry does not have it."""
+        path = self._blob_file(digest)
+        try:
+            with open(path, "rb") as f:
+                fid = file_id(os.fstat(f.fileno()))
+                actual, _ = _hash_open(f, digest.split(":", 1)[0])
+        except FileNotFoundError:
+            return None
+        if actual == digest:
+            return True
+        self.quarantine_blob(digest, fid)
+        return False
+
+    def scrub(self, *, dry_run: bool = False, progress: Callable[[str, int], None] | None = None) -> ScrubReport:
+        """Hash every stored blob; quarantine those whose bytes do not match their digest
+        (only report them with ``dry_run``). ``progress(digest, size)`` after each blob."""
+        checked = total = 0
+        bad: dict[str, Path | None] = {}
+        for algo in ("sha256", "sha512"):
+            for hexd in sorted(_listdir(self.root / "blobs" / algo)):
+                if hexd.startswith("."):
+                    continue  # a temporary file of a write in progress
+                digest = f"{algo}:{hexd}"
+                try:
+                    check_blob_digest(digest)
+                    with open(self._blob_file(digest), "rb") as f:
+                        fid = file_id(os.fstat(f.fileno()))
+                        actual, size = _hash_open(f, algo)
+                except (FileNotFoundError, DigestInvalid):
+                    continue  # gone meanwhile (garbage collection, quarantine), or no blob name
+                checked += 1
+                total += size
+                if actual != digest:
+                    bad[digest] = None if dry_run else self.quarantine_blob(digest, fid)
+                if progress is not None:
+                    progress(digest, size)
+        links: dict[str, list[str]] = {d: [] for d in bad}
+        if bad:
+            for repo in self.repositories():
+                for d in bad:
+                    if self._layer_link(repo, d).exists():
+                        links[d].append(repo)
+        return ScrubReport(checked, total, bad, links)
+
+    def _replace_if_bad(self, dest: Path) -> bool:
+        """Check the stored blob file ``dest`` (named by its digest) when a verified copy of
+        its bytes arrives; quarantine it if bad. True if it was bad (and is gone)."""
+        digest = f"{dest.parent.name}:{dest.name}"
+        try:
+            with open(dest, "rb") as f:
+                fid = file_id(os.fstat(f.fileno()))
+                actual, _ = _hash_open(f, dest.parent.name)
+        except FileNotFoundError:
+            return True
+        if actual == digest:
+            return False
+        self.quarantine_blob(digest, fid)
+        return True
 
     def import_blob(self, src: Path, digest: str) -> None:
         """Move the file ``src`` into the store as blob ``digest``, after checking its bytes.
@@ -349,11 +509,17 @@ class Storage:
     def _publish(self, verified: Path, dest: Path, *, sync: bool = True) -> bool:
         """Give the verified (and fsynced) file ``verified`` its final name ``dest`` (a hard
         link; the caller removes ``verified``); with ``sync``, fsync the folder. An existing
-        blob is left as it is (same bytes). True if the name is new."""
+        blob is checked and left as it is if its bytes are right, else quarantined and replaced.
+        True if the name is new."""
         try:
             os.link(verified, dest)
         except FileExistsError:
-            return False
+            if not self._replace_if_bad(dest):
+                return False
+            try:
+                os.link(verified, dest)
+            except FileExistsError:  # another upload repaired it meanwhile
+                return False
         now = time.time()
         os.utime(dest, (now, now))  # a fresh blob is young for garbage_collect's grace period
         if sync:
@@ -367,9 +533,18 @@ class Storage:
         return digest
 
     def _put_bytes(self, data: bytes, digest: str) -> None:
+        """Store ``data`` (which has ``digest``) unless the same bytes are stored; a stored copy
+        that differs went bad: quarantined, replaced."""
         path = self._blob_file(digest)
-        if not path.exists():
-            atomic_write(path, data)
+        try:
+            with open(path, "rb") as f:
+                fid = file_id(os.fstat(f.fileno()))
+                if f.read(len(data) + 1) == data:
+                    return
+            self.quarantine_blob(digest, fid)
+        except FileNotFoundError:
+            pass
+        atomic_write(path, data)
 
     # -- manifests -----------------------------------------------------------------------
 
@@ -406,9 +581,9 @@ class Storage:
         if digest_ref is not None:
             _check_content(digest, digest_ref, "manifest")
         try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
+            obj = jsonbody.loads(data, "manifest")
+        except jsonbody.JsonError as exc:
+            raise ManifestInvalid(str(exc)) from None
         if not isinstance(obj, dict):
             raise ManifestInvalid("manifest is not a JSON object")
         mtype = self._manifest_type(obj, media_type)
@@ -530,9 +705,21 @@ class Storage:
         return digest if self._revision(repo, digest).is_file() else None
 
     def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str] | None:
-        """(bytes, media type, digest) of a manifest by tag or digest, or None."""
-        found = self._manifest(repo, reference, lambda path: path.read_bytes())
-        return None if found is None else (found[2], found[0], found[1])
+        """(bytes, media type, digest) of a manifest by tag or digest, or None (also when its
+        stored bytes no longer match the digest: then they are quarantined)."""
+
+        def read(path: Path) -> tuple[bytes, tuple[int, int]]:
+            with open(path, "rb") as f:
+                return f.read(), file_id(os.fstat(f.fileno()))
+
+        found = self._manifest(repo, reference, read)
+        if found is None:
+            return None
+        media_type, digest, (data, fid) = found
+        if f"{digest.split(':', 1)[0]}:{hashlib.new(digest.split(':', 1)[0], data).hexdigest()}" != digest:
+            self.quarantine_blob(digest, fid)
+            return None
+        return data, media_type, digest
 
     def manifest_info(self, repo: str, reference: str) -> tuple[str, str, int] | None:
         """(media type, digest, size) of a manifest, without reading it."""
@@ -699,10 +886,14 @@ class Storage:
         uuid = str(uuidlib.uuid4())
         folder = self._upload_dir(uuid)
         folder.mkdir()
-        (folder / "data").touch()
-        # not flushed (a crash loses the session; the client starts again), and no temporary
-        # name: no request can name the session before this returns
-        (folder / "state.json").write_bytes(json.dumps({"repo": repo, "created": time.time()}).encode())
+        try:
+            (folder / "data").touch()
+            # not flushed (a crash loses the session; the client starts again), and no temporary
+            # name: no request can name the session before this returns
+            (folder / "state.json").write_bytes(json.dumps({"repo": repo, "created": time.time()}).encode())
+        except BaseException:  # a full disk: no half-made session is left behind
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return uuid
 
     async def upload_append(
@@ -712,13 +903,17 @@ class Storage:
         expected_offset: int | None = None,
         *,
         repo: str | None = None,
+        expected_length: int | None = None,
     ) -> int:
         """Append bytes to upload ``uuid``; return the new offset (bytes received in all).
 
         ``expected_offset``: where the chunk starts (from Content-Range); RangeInvalid (416)
         if the upload stands elsewhere. ``data_stream`` is bytes or a (sync or async) iterable
         of byte chunks; what arrived is kept, also when the stream breaks off, so a client can
-        resume. Past max_blob_size: SizeInvalid. One offloaded write in flight at a time."""
+        resume. Past max_blob_size: SizeInvalid. One offloaded write in flight at a time.
+
+        ``expected_length``: the chunk's length (from Content-Range); a stream that ends
+        shorter or runs longer is refused (RangeInvalid) and none of its bytes are kept."""
         folder, _state = await offload(self._acquire, uuid, repo)
         try:
             path = folder / "data"
@@ -733,8 +928,13 @@ class Storage:
             if h is None and offset == 0:
                 h = hashlib.sha256()
             writer = _Appender(path, h, offset)
+            start = offset
+            refused = False
             try:
                 async for chunk in _chunks(data_stream):
+                    if expected_length is not None and offset + len(chunk) - start > expected_length:
+                        refused = True
+                        raise _length_mismatch(start, expected_length, "more")
                     if offset + len(chunk) > self.max_blob_size:
                         raise SizeInvalid(
                             f"blob is larger than the limit of {self.max_blob_size} bytes",
@@ -743,10 +943,20 @@ class Storage:
                         )
                     await writer.add(chunk)
                     offset += len(chunk)
+                if expected_length is not None and offset - start != expected_length:
+                    refused = True
+                    raise _length_mismatch(start, expected_length, f"only {offset - start}")
             finally:
-                await writer.drain()  # what arrived is kept, also when the stream broke off
-                if h is not None and not writer.broken:
-                    self._hashes[uuid] = (writer.written, h)
+                try:
+                    await writer.drain()  # what arrived is kept, also when the stream broke off
+                finally:
+                    if refused:  # ... but not a chunk that is not what its Content-Range says
+                        await offload(os.truncate, path, start)
+                        writer.written = start
+                    elif writer.broken:  # ... nor the part of a write that failed (a full disk)
+                        await offload(os.truncate, path, writer.written)
+                    elif h is not None:
+                        self._hashes[uuid] = (writer.written, h)
             return writer.written
         finally:
             self._release(uuid)
@@ -776,7 +986,8 @@ class Storage:
                 # bytes flushed before the blob is named, names flushed before the 201
                 dest = self._blob_file(digest)
                 dirty: list[Path] = []
-                if not dest.is_file():
+                # a stored copy is checked: bytes gone bad are replaced by these (a repair)
+                if not dest.is_file() or self._replace_if_bad(dest):
                     _fsync_file(data)
                     if self._publish(data, dest, sync=False):
                         dirty.append(dest.parent)
@@ -897,6 +1108,13 @@ class Storage:
         return count
 
 
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def _make_dirs(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; return the folders that got new entries
     (the parents of those created), outermost first, for the caller to fsync."""
@@ -913,6 +1131,13 @@ def _make_dirs(folder: Path) -> list[Path]:
             continue
         dirty.append(d.parent)
     return dirty
+
+
+def _length_mismatch(start: int, expected: int, got: str) -> RangeInvalid:
+    return RangeInvalid(
+        f"Content-Range says {expected} bytes but the body has {got}",
+        detail={"offset": start, "contentRangeLength": expected},
+    )
 
 
 class _Appender:

@@ -8,16 +8,16 @@ that gets 404 from ``GET /v2/_turbofs/info`` uses the plain OCI API instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 from typing import Any, BinaryIO, Final
 
 from aiohttp import web
 
+from server import jsonbody
 from server.convert import Converter
 from server.offload import offload
-from server.storage import Storage
+from server.storage import Storage, is_tag
 from turbofs.core import oci
 from turbofs.core.config import (
     REGISTRY_MAX_CONVERT_BODY,
@@ -93,9 +93,9 @@ class _Extensions:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         raw = b"".join(pieces)
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _Bad(f"request body is not valid JSON: {exc}") from None
+            return await offload(jsonbody.loads, raw, "request body")
+        except jsonbody.JsonError as exc:
+            raise _Bad(str(exc)) from None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -147,6 +147,8 @@ class _Extensions:
             if not isinstance(body, dict) or not isinstance(body.get("reference"), str):
                 raise _Bad('expected {"reference": TAG_OR_DIGEST, "tag": TARGET_TAG}')
             reference = body["reference"]
+            if not is_tag(reference) and not _is_digest(reference):
+                raise _Bad(f"reference {reference[:140]!r} is neither a tag nor a digest")
             tag = body.get("tag")
             if tag is not None and not isinstance(tag, str):
                 raise _Bad("tag must be a string")
@@ -167,6 +169,14 @@ class _Extensions:
 
 class _Bad(Exception):
     pass
+
+
+def _is_digest(value: str) -> bool:
+    try:
+        oci.check_digest(value)
+    except FormatError:
+        return False
+    return True
 
 
 def _open_plan(
@@ -205,7 +215,8 @@ def _parse_ranges(body: Any, cfg: RegistryConfig) -> list[tuple[str, int, int]]:
             oci.check_digest(digest)  # type: ignore[arg-type]
         except FormatError as exc:
             raise _Bad(str(exc)) from None
-        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length <= 0:
+        # type() rather than isinstance: JSON true/false are bools, and bool is an int subclass
+        if type(offset) is not int or type(length) is not int or offset < 0 or length <= 0:
             raise _Bad(f"range of {digest}: offset and length must be integers, length > 0")
         total += length
         out.append((str(digest), offset, length))

@@ -15,9 +15,9 @@ Fixtures (registered in tests/conftest.py):
 
 Each is a :class:`RegistryProcess`: ``.url`` ("http://127.0.0.1:PORT"), ``.host_port``
 ("127.0.0.1:PORT", for ``docker://HOST_PORT/repo:tag``), ``.port``, ``.storage`` (its storage
-folder), ``.stop()`` / ``.start()`` / ``.restart()`` (same storage, same port), ``.log()`` (its
-stderr so far). The servers see no ``/etc/turbofs/config.toml`` and no ``TURBOFS_REGISTRY_*``
-variables of the calling environment.
+folder), ``.stop()`` / ``.kill()`` (SIGKILL) / ``.start()`` / ``.restart()`` (same storage, same
+port), ``.log()`` (its stderr so far). The servers see no ``/etc/turbofs/config.toml`` and no
+``TURBOFS_REGISTRY_*`` variables of the calling environment.
 
 :func:`skopeo` / :func:`skopeo_copy` run skopeo with TLS verification off for ``docker://``
 references (these registries speak plain HTTP on loopback) and the insecure policy.
@@ -171,6 +171,12 @@ class RegistryProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (``start()`` brings it back on the same port and storage)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            self.returncode = process_fixtures.kill(proc)
 
     def __enter__(self) -> RegistryProcess:
         self.start()

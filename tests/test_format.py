@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import stat
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -281,3 +285,94 @@ def _reencode(chunks: list[fmt.Chunk]) -> bytes:
     ]
     blobs = [fmt.Blob(b"\1" * 32, 200), fmt.Blob(b"\2" * 32, 100)]
     return fmt.encode(chunk_size=CS, inodes=inodes, chunks=chunks, blobs=blobs, prefetch=[2, 0, 1])
+
+
+# -- decompression bombs: a lying header or frame is refused before the payload is allocated
+
+_BOMB_PROBE = """
+import json, sys
+from turbofs.core import format as fmt
+from turbofs.core.errors import FormatError
+
+def hwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+blob = open(sys.argv[1], "rb").read()
+before = hwm()
+try:
+    fmt.Index.from_bytes(blob)
+    outcome = "decoded"
+except FormatError as exc:
+    outcome = "FormatError: " + str(exc)
+print(json.dumps({"outcome": outcome, "growth": hwm() - before}))
+"""
+
+
+def _zeros_frame(size: int, *, content_size: bool) -> bytes:
+    """One zstd frame of ``size`` zero bytes, compressed piece by piece (never held whole)."""
+    cobj = zstandard.ZstdCompressor(level=1, write_content_size=content_size).compressobj(
+        size=size if content_size else -1)
+    piece = bytes(1 << 20)
+    out = [cobj.compress(piece[: min(len(piece), size - done)]) for done in range(0, size, len(piece))]
+    return b"".join([*out, cobj.flush()])
+
+
+def _blob(declared: int, frame: bytes) -> bytes:
+    return struct.pack("<8sHHIQQ32s", fmt.MAGIC, fmt.VERSION, 0, fmt.HEADER_SIZE, declared, len(frame),
+                       b"\0" * 32) + frame
+
+
+@pytest.mark.parametrize("case", ["header-and-frame-1GiB", "header-1GiB-no-frame-size", "frame-lies-1GiB"])
+def test_an_index_bomb_is_refused_with_bounded_memory(case: str, tmp_path: Path) -> None:
+    """A ~32 KB index blob whose payload is (or claims to be) 1 GiB is refused with
+    FormatError, and the decoding process's peak RSS grows by at most a few MiB."""
+    gib = 1 << 30
+    if case == "header-and-frame-1GiB":
+        blob = _blob(gib, _zeros_frame(gib, content_size=True))
+    elif case == "header-1GiB-no-frame-size":
+        blob = _blob(gib, _zeros_frame(gib, content_size=False))
+    else:  # a header within the ratio-free size, a frame that says (and holds) 1 GiB
+        blob = _blob(4 << 20, _zeros_frame(gib, content_size=True))
+    assert len(blob) < 64 * 1024
+    path = tmp_path / "bomb.idx"
+    path.write_bytes(blob)
+    proc = subprocess.run([sys.executable, "-c", _BOMB_PROBE, str(path)], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["outcome"].startswith("FormatError: corrupt turbofs index"), result
+    assert result["growth"] < 16 << 20, result  # the old decoder's grew by the whole 1 GiB
+
+
+def test_the_section_table_must_account_for_the_declared_payload() -> None:
+    """A payload with a valid checksum but bytes past its last section (the shape of a bomb
+    hidden behind a real table) is refused; so is a declared size the sections exceed."""
+    payload = _payload(sample_index())
+    with pytest.raises(FormatError, match=f"the sections end at byte {len(payload)}, the header declares"):
+        fmt.Index.from_bytes(_rewrap(payload + bytes(1 << 20)))
+    with pytest.raises(FormatError):
+        fmt.Index.from_bytes(_rewrap(payload[:-8]))
+    fmt.Index.from_bytes(_rewrap(payload)).verify()
+
+
+def test_the_ratio_limit() -> None:
+    """Within the ratio-free size any ratio decodes (sparse files' refs compress to nothing);
+    above it, a payload more than INDEX_MAX_RATIO times its compressed size is refused unread."""
+    from turbofs.core.config import INDEX_MAX_RATIO, INDEX_RATIO_FREE
+
+    assert fmt.payload_limit(1000) == INDEX_RATIO_FREE
+    assert fmt.payload_limit(INDEX_RATIO_FREE) == INDEX_RATIO_FREE * INDEX_MAX_RATIO
+    D, R = stat.S_IFDIR, stat.S_IFREG
+    pieces = 1 << 20  # a 8 GiB sparse file at 8 KiB chunks: 8 MiB of hole refs
+    sparse = fmt.encode(chunk_size=CS, inodes=[fmt.InodeSpec(D | 0o755, children=((b"hole", 1),)),
+                                               fmt.InodeSpec(R | 0o644, size=pieces * CS,
+                                                             refs=((fmt.HOLE, 0),) * pieces)],
+                        chunks=[], blobs=[], prefetch=[])
+    assert len(sparse) * INDEX_MAX_RATIO < (8 << 20) < INDEX_RATIO_FREE
+    assert fmt.Index.from_bytes(sparse).inode(1).size == pieces * CS
+    big = INDEX_RATIO_FREE + 1
+    with pytest.raises(FormatError, match="decompression bomb"):
+        fmt.Index.from_bytes(_blob(big, b"\0" * (big // INDEX_MAX_RATIO)))

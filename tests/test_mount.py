@@ -29,7 +29,7 @@ from tests.ocifixtures import (
 )
 from tests.registry_fixtures import DistributionRegistry, TurbofsRegistry, skopeo_copy
 from tests.test_build import kitchen_sink_layers
-from turbofs.core.config import BuildConfig
+from turbofs.core.config import READER_FAILURE_MEMORY, BuildConfig
 from turbofs.core.image import LayoutImage, open_layout_image
 
 pytestmark = [
@@ -177,10 +177,17 @@ def test_disk_cache_bound_and_reuse_after_restart(
         _read_all(mp, bulky)
         assert proxy.blob_requests == before  # every chunk came from the disk cache
         mounter.umount(mp)
-    # a small bound: prefetch stops filling, reads still work, the folder stays within the bound
+    # a small bound: prefetch stops filling (and --wait says the image is not all local),
+    # reads still work, the folder stays within the bound
     small = Mounter(mounter.base / "small")
     try:
-        mp = small.mount(ref, "mnt", "--disk-cache-size", "8M", "--wait")
+        mp = small.base / "mnt"
+        mp.mkdir(parents=True)
+        proc = small.cli("mount", ref, str(mp), "--run-dir", str(small.run_dir), "--cache-dir", str(small.cache_dir),
+                         "--disk-cache-size", "8M", "--wait", check=False)
+        small.mounts.append(mp)
+        assert proc.returncode == 1 and "not all local: prefetch stopped" in proc.stderr, proc.stderr
+        assert "disk_bound" in proc.stderr and small.status(mp)["prefetch"]["state"] == "stopped"
         _read_all(mp, bulky)
         used = sum(p.stat().st_size for p in small.cache_dir.rglob("*") if p.is_file())
         assert used <= 8 * 1024 * 1024
@@ -197,9 +204,11 @@ def test_faults_never_return_wrong_bytes(mounter: Mounter, bulky: LayoutImage, t
         ref = _push(bulky, proxy.host_port, "node/faults:v1")
         mp = mounter.mount(ref, "mnt", "--no-prefetch", "--read-timeout", "20")
         files = [(mp / os.fsdecode(p), ino) for p, ino in bulky.index.walk() if bulky.index.inode(ino).is_reg]
-        proxy.faults.error_503 = 3
-        proxy.faults.drop = 2
-        proxy.faults.truncate = 2
+        # fewer failures in a row than one fetch's retries (a fetch that runs out of them
+        # fails the read, and its failure is remembered for the next FUSE reads of the chunk)
+        proxy.faults.error_503 = 2
+        proxy.faults.drop = 1
+        proxy.faults.truncate = 1
         proxy.faults.corrupt = 1  # once: refetched, then right
         for path, ino in files[:10]:
             assert path.read_bytes() == bulky.read(ino)
@@ -212,6 +221,7 @@ def test_faults_never_return_wrong_bytes(mounter: Mounter, bulky: LayoutImage, t
             victim.read_bytes()
         assert exc.value.errno == errno.EIO
         proxy.faults.corrupt = 0
+        time.sleep(READER_FAILURE_MEMORY)  # the failure is remembered that long, then fetched afresh
         assert victim.read_bytes() == bulky.read(victim_ino)  # no remount needed
         assert "turbofs_digest_failures_total" in mounter.metrics(mp)
 

@@ -30,7 +30,7 @@ from tests.ocifixtures import TarEntry, pseudo_random, write_oci_layout
 from turbofs.core import format as fmt
 from turbofs.core import oci
 from turbofs.core.codec import VerifiedChunk, decode_frame
-from turbofs.core.config import DaemonConfig
+from turbofs.core.config import READER_FAILURE_MEMORY, DaemonConfig
 from turbofs.core.errors import DigestMismatch
 from turbofs.core.registry import RegistryClient
 from turbofs.node.cache import ChunkCache, DiskCache, RamCache
@@ -620,8 +620,13 @@ def test_a_chunk_corrupt_twice_is_an_error_never_wrong_bytes(image: Image, tmp_p
             assert fake.chunk_requests == 2
             assert not reader.cache.contains(chunk)  # nothing unverified entered a tier
             assert reader.state(chunk.id) is ChunkState.MISSING
-            fake.corrupt = 0  # the next read tries again, and succeeds
-            assert await reader.read(ino, 0, 4096) == FILES["bin/app"][:4096]
+            fake.corrupt = 0
+            # the failure is remembered a moment: reads fail at once with its cause, no fetch
+            with pytest.raises(ChunkCorrupt, match="wrong content"):
+                await reader.read(ino, 100, 4096)
+            assert fake.chunk_requests == 2
+            await trio.sleep(READER_FAILURE_MEMORY)
+            assert await reader.read(ino, 0, 4096) == FILES["bin/app"][:4096]  # then fetched afresh
 
     run(main)
 
@@ -668,6 +673,11 @@ def test_an_unreachable_registry_fails_the_read_with_its_cause_then_recovers(ima
             assert metrics.retries.value() >= 4  # the first attempt and 3 retries, all refused
             assert metrics.errors.value(kind="fetch") == 1
             fake.down = False
+            requests = fake.chunk_requests
+            with pytest.raises(FetchFailed, match="unreachable"):  # remembered: fails at once, nothing asked
+                await reader.read(ino, 0, 100)
+            assert fake.chunk_requests == requests and metrics.remembered_failures.value() == 1
+            await trio.sleep(READER_FAILURE_MEMORY)
             assert await reader.read(ino, 0, 100) == FILES["lib/libx.so"][:100]
 
     run(main)

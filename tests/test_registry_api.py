@@ -9,10 +9,12 @@ and travel between turbofs and CNCF distribution.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -246,6 +248,35 @@ def test_patch_out_of_order_is_416(client: httpx.Client) -> None:
     assert r.status_code == 201
 
 
+def test_chunk_that_disagrees_with_its_content_range_is_refused(client: httpx.Client) -> None:
+    """Issue 16, defect 10: a chunked PATCH (no Content-Length) whose body is not as long as
+    its Content-Range says was accepted; every upload 416 carries Location and Range."""
+    location = client.post("/v2/range416/chunked/blobs/uploads/").headers["Location"]
+
+    def body(data: bytes) -> Iterator[bytes]:  # a generator: sent with chunked encoding
+        yield data[:7]
+        yield data[7:]
+
+    for data in (b"x" * 20, b"y" * 5):  # longer, shorter
+        r = client.patch(location, content=body(data), headers={"Content-Range": "0-9"})
+        assert r.status_code == 416 and codes(r) == ["BLOB_UPLOAD_INVALID"], r.text
+        assert r.headers["Location"] == location and r.headers["Range"] == "0-0"
+    # nothing of them was kept
+    assert client.get(location).headers["Range"] == "0-0"
+    r = client.patch(location, content=body(b"abcdefghij"), headers={"Content-Range": "0-9"})
+    assert r.status_code == 202 and r.headers["Range"] == "0-9"
+    r = client.patch(location, content=body(b"KLMNOPQRS"), headers={"Content-Range": "10-19"})
+    assert r.status_code == 416 and r.headers["Location"] == location and r.headers["Range"] == "0-9"
+    # a Content-Length mismatch and a malformed Content-Range: 416 with both headers too
+    for value in ("10-14", "bogus"):
+        r = client.patch(location, content=b"klm", headers={"Content-Range": value})
+        assert r.status_code == 416 and r.headers["Location"] == location and r.headers["Range"] == "0-9", value
+    r = client.put(location, params={"digest": sha256(b"abcdefghijklm")}, content=body(b"klm"),
+                   headers={"Content-Range": "10-12"})
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v2/range416/chunked/blobs/{sha256(b'abcdefghijklm')}").content == b"abcdefghijklm"
+
+
 def test_digest_mismatch_keeps_nothing(client: httpx.Client, storage: Path) -> None:
     data = os.urandom(50_000)
     wrong = sha256(b"something else")
@@ -422,6 +453,34 @@ def test_manifest_validation(client: httpx.Client) -> None:
     assert client.get(f"/v2/{repo}/tags/list").json()["tags"] == []
 
 
+def test_deeply_nested_json_is_a_400(client: httpx.Client, shared_turbofs_registry: TurbofsRegistry) -> None:
+    """Issue 16, defect 9: a deeply nested manifest answered 500 (RecursionError)."""
+    repo = "man/deep"
+    for depth in (100_000, 70):
+        deep = b'{"schemaVersion": 2, "x": ' + b"[" * depth + b"]" * depth + b"}"
+        r = put_manifest(client, repo, "v1", deep)
+        assert r.status_code == 400 and codes(r) == ["MANIFEST_INVALID"], r.text
+        assert "nested" in r.json()["errors"][0]["message"]
+    # 64 levels (far more than any OCI document needs) are still fine for the parser
+    ok = image_manifest(client, repo, [b"deep layer"], annotations={"a": "[" * 1000})
+    assert put_manifest(client, repo, "v1", ok).status_code == 201
+    assert "RecursionError" not in shared_turbofs_registry.log()
+
+
+def test_manifest_numbers_past_the_limits_are_a_400(client: httpx.Client,
+                                                     shared_turbofs_registry: TurbofsRegistry) -> None:
+    """Issue 16: a manifest holding a 5000-digit number answered 500 (ValueError from
+    json.loads); such numbers, NaN and Infinity are a 400 MANIFEST_INVALID."""
+    ok = image_manifest(client, "man/numbers", [b"numbers layer"])
+    assert put_manifest(client, "man/numbers", "v1", ok).status_code == 201
+    for value, message in ((b"9" * 5000, "limit of 20"), (b"NaN", "NaN"), (b"-Infinity", "Infinity"),
+                           (b"1e400", "out of range")):
+        r = put_manifest(client, "man/numbers", "v2", ok[:-1] + b', "x": ' + value + b"}")
+        assert r.status_code == 400 and codes(r) == ["MANIFEST_INVALID"], r.text
+        assert message in r.json()["errors"][0]["message"]
+    assert "Exceeds the limit" not in shared_turbofs_registry.log()
+
+
 def test_referrers(client: httpx.Client) -> None:
     repo = "man/referrers"
     subject = image_manifest(client, repo, [b"subject layer"])
@@ -481,6 +540,60 @@ def test_limits_refuse_oversized_bodies(turbofs_registry_factory: Factory) -> No
         assert not list((reg.storage / "blobs" / "sha256").iterdir())
 
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs for the storage needs root")
+def test_full_disk_is_a_507_and_keeps_nothing_half_written(tmp_path: Path) -> None:
+    """Storage on a 1 MB tmpfs: an upload or manifest that does not fit is answered 507 with a
+    message saying the storage is full (never a 500), no failed write leaves a session, a
+    blob or a temporary file behind, and with room again the upload resumes to the right blob."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(storage)], check=True)
+    reg = TurbofsRegistry(tmp_path / "reg", storage)
+    try:
+        reg.start()
+        with httpx.Client(base_url=reg.url, timeout=30) as c:
+
+            def full(r: httpx.Response) -> bool:
+                return r.status_code == 507 and "storage is full" in r.json()["errors"][0]["message"]
+
+            manifest = image_manifest(c, "full/img", [])  # its config is pushed while there is room
+            big = os.urandom(2 << 20)
+            r = c.post("/v2/full/img/blobs/uploads/", params={"digest": sha256(big)}, content=big)
+            assert full(r), r.text
+            assert not list((storage / "uploads").iterdir()), "a failed monolithic upload left its session"
+            location = c.post("/v2/full/img/blobs/uploads/").headers["Location"]
+            r = c.patch(location, content=big)
+            assert full(r), r.text
+            [session] = (storage / "uploads").iterdir()
+            kept = (session / "data").read_bytes()
+            assert kept == big[: len(kept)]
+            # fill what is left, then: no new session, no manifest, no temporary file
+            with contextlib.suppress(OSError), open(storage / "filler", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+            assert full(c.post("/v2/full/img/blobs/uploads/"))
+            assert [p.name for p in (storage / "uploads").iterdir()] == [session.name]
+            assert full(put_manifest(c, "full/img", "v1", manifest, OCI_MANIFEST))
+            assert c.get("/v2/full/img/manifests/v1").status_code == 404
+            assert not [p for p in storage.rglob("*") if p.name.endswith(".tmp")]
+            # room again: the session resumes where its Range says and gives the right blob
+            (storage / "filler").unlink()
+            subprocess.run(["mount", "-o", "remount,size=64m", str(storage)], check=True)
+            offset = int(c.get(location).headers["Range"].split("-")[1]) + 1 if kept else 0
+            assert offset == len(kept)
+            r = c.patch(location, content=big[offset:],
+                        headers={"Content-Range": f"{offset}-{len(big) - 1}"})  # fmt: skip
+            assert r.status_code == 202, r.text
+            assert c.put(r.headers["Location"], params={"digest": sha256(big)}).status_code == 201
+            assert c.get(f"/v2/full/img/blobs/{sha256(big)}").content == big
+            assert put_manifest(c, "full/img", "v1", manifest, OCI_MANIFEST).status_code == 201
+        assert "Traceback" not in reg.log(), reg.log()[-3000:]
+    finally:
+        reg.stop()
+        subprocess.run(["umount", "-l", str(storage)], check=False, capture_output=True)
+
+
 def test_range_requests(client: httpx.Client) -> None:
     data = os.urandom(1 << 20)
     digest = push_blob(client, "ranges", data)
@@ -530,12 +643,15 @@ def test_multi_range_requests(client: httpx.Client) -> None:
     assert r.status_code == 206
     assert int(r.headers["Content-Length"]) == len(r.content)
     size = len(data)
+    # the overlapping last two are one part
     assert _multipart(r) == [
         (f"bytes 0-9/{size}", data[:10]),
         (f"bytes 5000-5099/{size}", data[5000:5100]),
-        (f"bytes {size - 7}-{size - 1}/{size}", data[-7:]),
         (f"bytes 99990-{size - 1}/{size}", data[99990:]),
     ]
+    # ascending order; ranges closer than a part header merged
+    r = client.get(url, headers={"Range": "bytes=9000-9099,100-199,250-299"})
+    assert _multipart(r) == [(f"bytes 100-299/{size}", data[100:300]), (f"bytes 9000-9099/{size}", data[9000:9100])]
     r = client.head(url, headers={"Range": "bytes=0-9,20-29"})
     assert r.status_code == 206 and r.content == b""
     # unsatisfiable ranges are dropped; none left: 416
@@ -546,6 +662,64 @@ def test_multi_range_requests(client: httpx.Client) -> None:
     assert r.status_code == 416 and r.headers["Content-Range"] == f"bytes */{size}"
     r = client.get(url, headers={"Range": "bytes=0-1,x-y"})
     assert r.status_code == 416
+
+
+def test_multi_range_answers_are_bounded_by_the_blob(client: httpx.Client) -> None:
+    """Issue 16, defect 1: ``bytes=0-,0-,...`` once answered a 206 of (ranges x blob size)."""
+    data = os.urandom(300_000)
+    digest = push_blob(client, "ranges/amplify", data)
+    url = f"/v2/ranges/amplify/blobs/{digest}"
+    # overlapping ranges under the count limit: coalesced into one, an ordinary 206
+    r = client.get(url, headers={"Range": "bytes=" + ",".join(["0-"] * 100)})
+    assert r.status_code == 206 and r.headers["Content-Range"] == f"bytes 0-{len(data) - 1}/{len(data)}"
+    assert r.content == data
+    # many small ranges: merged, the answer at most the blob plus the part headers
+    spec = ",".join(f"{i * 2000}-{i * 2000 + 1500}" for i in range(120))
+    r = client.get(url, headers={"Range": f"bytes={spec}"})
+    assert r.status_code == 206 and int(r.headers["Content-Length"]) < len(data) + 120 * 200
+    assert all(body == data[int(cr.split()[1].split("-")[0]) :][: len(body)] for cr, body in _multipart(r))
+    # past the count limit the Range header is ignored (RFC 9110 14.2): the blob, once
+    for header in ("bytes=" + ",".join(["0-"] * 2000), "bytes=" + ",".join(f"{i}-{i}" for i in range(0, 3000, 15))):
+        with client.stream("GET", url, headers={"Range": header}) as r:
+            assert r.status_code == 200 and int(r.headers["Content-Length"]) == len(data)
+            assert r.read() == data
+    r = client.head(url, headers={"Range": "bytes=" + ",".join(["0-"] * 2000)})
+    assert r.status_code == 200 and int(r.headers["Content-Length"]) == len(data)
+
+
+def test_range_bounds_of_any_length(client: httpx.Client, shared_turbofs_registry: TurbofsRegistry) -> None:
+    """Issue 16: a Range or Content-Range bound of thousands of digits (past Python's 4300-digit
+    int limit) answered 500. Bounds of any length are numbers (RFC 9110 14.1.1): a first-pos
+    past the blob is unsatisfiable, a last-pos or suffix past it means to the end."""
+    data = os.urandom(1000)
+    digest = push_blob(client, "ranges/digits", data)
+    url = f"/v2/ranges/digits/blobs/{digest}"
+    huge, zeros = "1" * 4400, "0" * 4400  # one bound per header: aiohttp takes 8 KiB a field
+    for header, want in (
+        (f"bytes={huge}-", None),
+        (f"bytes={huge}-,2000-", None),
+        (f"bytes={huge}-,0-1", [(0, 2)]),
+        (f"bytes=0-9,10-{huge}", [(0, 1000)]),
+        (f"bytes=0-1,-{huge}", [(0, 1000)]),
+        (f"bytes={zeros}5-9,500-509", [(5, 10), (500, 510)]),
+    ):
+        r = client.get(url, headers={"Range": header})
+        if want is None:
+            assert r.status_code == 416, (header[:20], r.status_code)
+            assert r.headers["Content-Range"] == f"bytes */{len(data)}"
+        elif len(want) == 1:
+            assert r.status_code == 206 and r.content == data[want[0][0] : want[0][1]], header[:20]
+        else:
+            assert r.status_code == 206
+            assert _multipart(r) == [(f"bytes {a}-{b - 1}/{len(data)}", data[a:b]) for a, b in want]
+    location = client.post("/v2/ranges/digits/blobs/uploads/").headers["Location"]
+    for value in (f"0-{huge}", f"{huge}-5", f"0-1{zeros}"):
+        r = client.patch(location, content=b"abcde", headers={"Content-Range": value})
+        assert r.status_code == 416 and codes(r) == ["BLOB_UPLOAD_INVALID"], r.text
+    # leading zeros are only zeros
+    r = client.patch(location, content=b"abcde", headers={"Content-Range": f"{zeros[:4000]}0-{zeros[:4000]}4"})
+    assert r.status_code == 202 and r.headers["Range"] == "0-4"
+    assert "Exceeds the limit" not in shared_turbofs_registry.log()
 
 
 def test_cross_repository_mount(client: httpx.Client) -> None:
@@ -574,6 +748,29 @@ def test_blob_delete(client: httpx.Client) -> None:
     assert r.status_code == 404 and codes(r) == ["BLOB_UNKNOWN"]
     r = client.delete(f"/v2/delete/blob/blobs/{digest}")
     assert r.status_code == 404 and codes(r) == ["BLOB_UNKNOWN"]
+
+
+def test_blob_a_manifest_uses_cannot_be_deleted(client: httpx.Client) -> None:
+    """Issue 16, defect 10: deleting a layer of a tagged image answered 202 and broke it."""
+    repo = "delete/used"
+    layer = os.urandom(3000)
+    manifest = image_manifest(client, repo, [layer])
+    config_digest = json.loads(manifest)["config"]["digest"]
+    assert put_manifest(client, repo, "v1", manifest).status_code == 201
+    for blob in (sha256(layer), config_digest, sha256(manifest)):
+        r = client.delete(f"/v2/{repo}/blobs/{blob}")
+        assert r.status_code == 409 and codes(r) == ["UNSUPPORTED"], blob
+        assert r.json()["errors"][0]["detail"]["manifests"] == [sha256(manifest)]
+        assert client.head(f"/v2/{repo}/blobs/{blob}").status_code == 200
+    # the untagged manifest still holds them; once it is deleted they can go
+    assert client.delete(f"/v2/{repo}/manifests/v1").status_code == 202
+    assert client.delete(f"/v2/{repo}/blobs/{sha256(layer)}").status_code == 409
+    assert client.delete(f"/v2/{repo}/manifests/{sha256(manifest)}").status_code == 202
+    assert client.delete(f"/v2/{repo}/blobs/{sha256(layer)}").status_code == 202
+    # another repository's manifests do not hold this one's links
+    other = image_manifest(client, "delete/other", [layer])
+    assert put_manifest(client, "delete/other", "v1", other).status_code == 201
+    assert client.delete(f"/v2/{repo}/blobs/{config_digest}").status_code == 202
 
 
 def test_tags_and_catalog_pagination(turbofs_registry: TurbofsRegistry) -> None:

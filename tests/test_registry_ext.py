@@ -83,6 +83,51 @@ def test_info_and_missing(turbofs_registry: TurbofsRegistry, tmp_path: Path) -> 
     assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
 
 
+def test_deeply_nested_bodies_are_a_400(turbofs_registry: TurbofsRegistry) -> None:
+    """Issue 16, defect 9: deeply nested JSON answered 500 (RecursionError) on every endpoint."""
+    deep = b"[" * 30_000 + b"]" * 30_000
+    for endpoint, code in (("batch", "BATCH_INVALID"), ("missing", "DIGEST_INVALID"), ("convert", "UNSUPPORTED")):
+        for body in (deep, b'{"ranges": ' + deep + b"}", b'{"digests": [' + b'{"a":' * 100 + b"1" + b"}" * 100 + b"]}"):
+            r = httpx.post(f"{turbofs_registry.url}/v2/deep/repo/_turbofs/{endpoint}", content=body)
+            assert r.status_code == 400, (endpoint, r.text)
+            assert r.json()["errors"][0]["code"] == code and "nested" in r.json()["errors"][0]["message"]
+    assert "RecursionError" not in turbofs_registry.log()
+
+
+def test_numbers_past_the_limits_are_a_400(turbofs_registry: TurbofsRegistry) -> None:
+    """Issue 16: a 5000-digit number in an extension body answered 500 (ValueError from
+    json.loads, past Python's int digit limit). Such numbers, NaN, Infinity, numbers that
+    overflow to infinity, booleans as numbers and bodies that are not UTF-8 are a 400, as is a
+    convert reference that is neither a tag nor a digest (once taken, the job failing later)."""
+    d = "sha256:" + "c" * 64
+
+    def batch(offset: str, length: str = "1") -> bytes:
+        return f'{{"ranges": [{{"digest": "{d}", "offset": {offset}, "length": {length}}}]}}'.encode()
+
+    cases = [
+        ("batch", "BATCH_INVALID", batch("9" * 5000), "limit of 20"),
+        ("batch", "BATCH_INVALID", batch("0", "-" + "1" * 5000), "limit of 20"),
+        ("batch", "BATCH_INVALID", batch("NaN"), "NaN"),
+        ("batch", "BATCH_INVALID", batch("0", "Infinity"), "Infinity"),
+        ("batch", "BATCH_INVALID", batch("0", "1e999"), "out of range"),
+        ("batch", "BATCH_INVALID", batch("true"), "must be integers"),
+        ("batch", "BATCH_INVALID", json.dumps({"ranges": []}).encode("utf-16"), "not valid JSON"),
+        ("missing", "DIGEST_INVALID", b'{"digests": [], "n": ' + b"9" * 5000 + b"}", "limit of 20"),
+        ("convert", "UNSUPPORTED", b'{"reference": "v1", "n": ' + b"9" * 5000 + b"}", "limit of 20"),
+        ("convert", "UNSUPPORTED", b'{"reference": "../v1"}', "neither a tag nor a digest"),
+        ("convert", "UNSUPPORTED", b'{"reference": "sha256:12"}', "neither a tag nor a digest"),
+    ]
+    for endpoint, code, body, message in cases:
+        r = httpx.post(f"{turbofs_registry.url}/v2/num/repo/_turbofs/{endpoint}", content=body)
+        assert r.status_code == 400, (endpoint, message, r.text)
+        error = r.json()["errors"][0]
+        assert error["code"] == code and message in error["message"], (endpoint, error)
+    # a 20-digit offset is a number: past the end of the blob (here: not in the repository)
+    r = httpx.post(f"{turbofs_registry.url}/v2/num/repo/_turbofs/batch", content=batch("9" * 20))
+    assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert "Exceeds the limit" not in turbofs_registry.log()
+
+
 def test_a_large_request_body_is_read_whole(turbofs_registry: TurbofsRegistry) -> None:
     # 30,000 digests: a 2 MB body that arrives in many TCP segments (a big image's push asks
     # about thousands of blobs; the server once parsed only the part that had arrived)
@@ -124,6 +169,11 @@ def test_batch_fetch_serves_exact_chunks(turbofs_registry_factory: Callable[...,
         ({"ranges": [dict(first, digest="sha256:" + "cd" * 32)]}, 404, "BLOB_UNKNOWN"),
         ({"ranges": [past]}, 416, "RANGE_INVALID"),
         ({"ranges": [dict(first, length=0)]}, 400, "BATCH_INVALID"),
+        # issue 16, defect 10: JSON true is no integer (bool is an int subclass in Python)
+        ({"ranges": [dict(first, offset=True)]}, 400, "BATCH_INVALID"),
+        ({"ranges": [dict(first, length=True)]}, 400, "BATCH_INVALID"),
+        ({"ranges": [dict(first, offset=0.0)]}, 400, "BATCH_INVALID"),
+        ({"ranges": [dict(first, offset="0")]}, 400, "BATCH_INVALID"),
         ({"ranges": [first] * 65}, 400, "BATCH_INVALID"),
         ({"nothing": 1}, 400, "BATCH_INVALID"),
     ]

@@ -97,6 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     pu.add_argument("--level", type=int, dest="zstd_level", help="zstd level when converting (default 3)")
     pu.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
+    sc = sub.add_parser(
+        "scrub",
+        help="check every blob of a registry's storage against its digest; set bad ones aside",
+        description="Hash every blob in the registry's storage folder. A blob whose bytes no longer "
+        "match its digest is moved to STORAGE/quarantine/ (not served any more: HEAD and GET answer "
+        "404, so clients upload it again and that upload repairs it). Safe while the registry runs. "
+        "Exit status 0: all blobs good; 1: bad blobs found (listed).",
+    )
+    sc.add_argument("--storage", type=Path, help="storage folder (default: the registry's, /var/lib/turbofs/registry)")
+    sc.add_argument("--dry-run", action="store_true", help="only report bad blobs; move nothing")
+
     pw = sub.add_parser(
         "passwd",
         help="print a users-file line (user:hash) for the registry",
@@ -330,6 +341,22 @@ def _client_auth(target: str, creds: str | None) -> Any:
     return auth_for_registry(Reference.parse(target).registry, creds)
 
 
+def _cmd_scrub(args: argparse.Namespace) -> int:
+    from server.storage import Storage
+    from turbofs.core.config import registry_config
+
+    cfg = registry_config(args.config, **_flags(args, "storage"))
+    if not (cfg.storage / "blobs").is_dir():
+        raise UsageError(f"{cfg.storage} is not a registry storage folder (no blobs/ in it)")
+    report = Storage(cfg.storage, cfg).scrub(dry_run=args.dry_run)
+    for digest, moved in sorted(report.bad.items()):
+        repos = ", ".join(report.links[digest]) or "no repository"
+        where = "left in place (dry run)" if args.dry_run else f"moved to {moved}" if moved else "repaired meanwhile"
+        print(f"BAD {digest} ({repos}): {where}")
+    print(f"scrub: {report.checked} blobs, {report.bytes} bytes checked, {len(report.bad)} bad")
+    return 1 if report.bad else 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
     from turbofs.core.config import registry_config
@@ -362,7 +389,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "build": _cmd_build, "serve": _cmd_serve, "passwd": _cmd_passwd, "push": _cmd_push, "mount": _cmd_mount,
     "umount": _cmd_umount, "status": _cmd_status, "trace": _cmd_trace, "snapshotter": _cmd_snapshotter,
-    "pull": _cmd_pull, "run": _cmd_run,
+    "pull": _cmd_pull, "run": _cmd_run, "scrub": _cmd_scrub,
 }
 
 

@@ -2,7 +2,8 @@
 
 ``pull`` gives containerd a turbo image without downloading a layer:
 
-1. read the manifest and config from the registry (:func:`turbofs.snapshotter.fetch_image`);
+1. read the manifest and config from the registry (:func:`turbofs.snapshotter.fetch_image`:
+   verified against their digests, fetched again after a corrupt answer);
 2. under a lease, write both into containerd's content store with the labels its own
    unpacker would set (the config references the top snapshot,
    ``containerd.io/gc.ref.snapshot.<snapshotter>``);
@@ -37,6 +38,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
+from turbofs.core import oci
 from turbofs.core.config import (
     CONTAINERD_LEASE_TTL,
     CONTAINERD_RETRY_FOR,
@@ -188,7 +190,9 @@ class Containerd:
         return found.info if found is not None else None
 
     def put_content(self, digest: str, data: bytes, labels: dict[str, str]) -> None:
-        """Write a blob into the content store (or only set its labels if it is there)."""
+        """Write a blob into the content store (or only set its labels if it is there). Bytes
+        that do not match ``digest`` are refused here (DigestMismatch), never handed on."""
+        oci.verify_bytes(data, digest, f"content {digest} for containerd")
         if self.content_info(digest) is None:
             ref = f"turbofs-{digest}"
             reqs: list[content_pb2.WriteContentRequest] = []

@@ -152,6 +152,8 @@ CLIENT_PARALLEL: Final = 8
 #: Batched-fetch bounds assumed when the registry's ``/v2/_turbofs/info`` states none.
 CLIENT_BATCH_RANGES: Final = 1024
 CLIENT_BATCH_BYTES: Final = 64 * MiB
+#: Seconds after a failed ``/v2/_turbofs/info`` before it is asked again (meanwhile: plain ranges).
+CLIENT_CAPS_RETRY: Final = 2.0
 #: Bytes per piece of a streamed blob upload.
 CLIENT_UPLOAD_PIECE: Final = 1 * MiB
 #: Largest manifest and image config accepted: both are JSON read whole into memory.
@@ -159,6 +161,13 @@ CLIENT_MAX_MANIFEST: Final = 4 * MiB
 CLIENT_MAX_CONFIG: Final = 8 * MiB
 #: Image indexes nested deeper than this are refused (a loop of indexes ends here).
 MAX_INDEX_DEPTH: Final = 2
+#: A turbofs index payload is refused unread when it claims more than this many times its
+#: compressed size (real indexes are ~4x; zstd makes ~30,000x of zeros: a decompression bomb)...
+INDEX_MAX_RATIO: Final = 128
+#: ...unless it claims at most this many bytes (the refs of a large sparse file compress to nothing).
+INDEX_RATIO_FREE: Final = 32 * MiB
+#: No index payload is larger than this, at any ratio (10 million entries take about 2 GiB).
+INDEX_MAX_PAYLOAD: Final = 4 * GiB
 #: A cached token is renewed once less than this share of its lifetime (at most the margin) is left.
 TOKEN_REFRESH_FRACTION: Final = 0.1
 TOKEN_REFRESH_MAX_MARGIN: Final = 30.0
@@ -170,6 +179,12 @@ PUSH_PARALLEL: Final = 4
 RAM_CACHE_MAX_ENTRIES: Final = 1 << 22
 #: Disk-tier usage is counted in file-system blocks of this size.
 DISK_CACHE_BLOCK: Final = 4096
+#: Free space the disk tier leaves on its file system (this share of it, at most the maximum):
+#: it evicts its own chunks, or writes no more, rather than fill the disk of other users.
+DISK_CACHE_RESERVE_SHARE: Final = 0.05
+DISK_CACHE_RESERVE_MAX: Final = 1 * GiB
+#: Seconds between summary lines of failed cache writes (the first failure is logged at once).
+DISK_CACHE_WRITE_LOG_INTERVAL: Final = 60.0
 #: A temporary file in the node's cache folder (chunks, erofs metadata) of a dead process,
 #: or one this many seconds old, was left by a crash and is removed.
 CACHE_STALE_TEMP: Final = 3600.0
@@ -177,6 +192,12 @@ CACHE_STALE_TEMP: Final = 3600.0
 READER_SEQ_TRACKED_FILES: Final = 4096
 #: Source failures younger than this (seconds) are named in a read timeout's message.
 READER_RECENT_FAILURE: Final = 120.0
+#: Seconds a chunk's failed fetch (or a read's timeout on it) is remembered: reads of it meanwhile
+#: fail at once with that cause, so one user read() (several FUSE reads) waits once, not per request.
+READER_FAILURE_MEMORY: Final = 3.0
+#: Seconds the prefetch keeps retrying while every fetch fails; then it ends "incomplete"
+#: (cause: fetch), and reads still fetch what they need.
+PREFETCH_GIVE_UP: Final = 120.0
 #: A prefetch batch is held decompressed until on disk: at most this many times its compressed bound.
 PREFETCH_BATCH_EXPANSION: Final = 4
 #: Seconds of the prefetch bandwidth cap that may be spent at once after an idle spell.
@@ -220,6 +241,9 @@ RESOLVER_CACHE_ENTRIES: Final = 256
 #: Seconds "no turbo image" (or a failed lookup) is remembered: a twin being converted shows up
 #: after this, and a registry that is down is not asked again for every layer.
 RESOLVER_NEGATIVE_TTL: Final = 60.0
+#: Times a manifest, config, index or layer whose bytes fail their digest (a corrupt answer,
+#: a transient fault) is fetched again before the mismatch is reported.
+RESOLVER_DIGEST_REFETCHES: Final = 3
 #: A layer blob is downloaded in ranges of this many bytes, this many at a time.
 LAYER_DOWNLOAD_PIECE: Final = 8 * MiB
 LAYER_DOWNLOAD_PARALLEL: Final = 4
@@ -250,6 +274,20 @@ REGISTRY_MAX_EXT_BODY: Final = 8 * MiB
 REGISTRY_MAX_CONVERT_BODY: Final = 64 * KiB
 #: Digests one ``missing`` query may ask about (a large image has tens of thousands of blobs).
 REGISTRY_MAX_MISSING_DIGESTS: Final = 100_000
+#: Deepest nesting of a JSON request body or manifest (OCI documents and batch bodies need < 10).
+REGISTRY_MAX_JSON_DEPTH: Final = 64
+#: Most digits of an integer in a JSON request body or manifest: uint64 needs 20, and longer
+#: ones cost quadratic time to convert (past 4300 Python refuses them with a ValueError).
+REGISTRY_MAX_JSON_INT_DIGITS: Final = 20
+#: Most significant digits of a bound in a Range or Content-Range header: 20 hold any uint64
+#: (a longer first-pos is past every blob, a longer last-pos means "to the end").
+REGISTRY_MAX_RANGE_DIGITS: Final = 20
+#: Ranges of one multi-range GET; past it the Range header is ignored (200), as RFC 9110 14.2 allows.
+REGISTRY_MAX_RANGES: Final = 128
+#: Ranges closer than this are merged into one part (about the size of one part's header).
+REGISTRY_RANGE_MERGE_GAP: Final = 128
+#: Folder of the storage where blobs whose bytes no longer match their digest are moved.
+REGISTRY_QUARANTINE_DIR: Final = "quarantine"
 #: Size of the token signing key made on first start, and the shortest key accepted.
 TOKEN_KEY_SIZE: Final = 32
 TOKEN_MIN_KEY_SIZE: Final = 16

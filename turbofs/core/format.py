@@ -19,6 +19,7 @@ from typing import Final
 
 import zstandard
 
+from turbofs.core.config import INDEX_MAX_PAYLOAD, INDEX_MAX_RATIO, INDEX_RATIO_FREE
 from turbofs.core.errors import FormatError, NotFound
 
 MAGIC: Final = b"TURBOIDX"
@@ -30,7 +31,9 @@ REVISION: Final = "1.2"
 READABLE_VERSIONS: Final = frozenset({1})
 
 #: Default upper bound for a decompressed index payload (a decompression-bomb guard).
-MAX_PAYLOAD: Final = 4 << 30
+MAX_PAYLOAD: Final = INDEX_MAX_PAYLOAD
+#: Most sections a payload's table may list.
+MAX_SECTIONS: Final = 64
 
 ROOT_INO: Final = 0
 #: Chunk id of a hole: the piece reads as zeros and is never fetched.
@@ -317,6 +320,27 @@ def _fmt_err(msg: str) -> FormatError:
     return FormatError(f"corrupt turbofs index: {msg}")
 
 
+def payload_limit(clen: int) -> int:
+    """The largest payload an index blob of ``clen`` compressed bytes may declare."""
+    return max(INDEX_RATIO_FREE, clen * INDEX_MAX_RATIO)
+
+
+def _check_table(head: bytes, plen: int) -> None:
+    """The superblock and section table at the start of a payload (``head``: its first
+    bytes) must fit and end the last section exactly at the declared payload length."""
+    if len(head) < _SUPER.size:
+        raise _fmt_err(f"payload of {len(head)} bytes is too short for its superblock")
+    n_sections = _SUPER.unpack_from(head, 0)[2]
+    table_end = _SUPER.size + n_sections * _SECTION.size
+    if n_sections > MAX_SECTIONS or table_end > len(head):
+        raise _fmt_err(f"section table of {n_sections} entries does not fit")
+    end = max((off + length for _, _, off, length in
+               (_SECTION.unpack_from(head, _SUPER.size + i * _SECTION.size) for i in range(n_sections))),
+              default=table_end)
+    if max(end, table_end) != plen:
+        raise _fmt_err(f"the sections end at byte {max(end, table_end)}, the header declares {plen}")
+
+
 class Index:
     """A decoded index: the metadata tree, chunk maps and prefetch order of one image."""
 
@@ -330,7 +354,7 @@ class Index:
             raise _fmt_err(f"chunk size 2^{log2} out of range")
         if root != ROOT_INO:
             raise _fmt_err(f"root inode {root} is not {ROOT_INO}")
-        if n_sections > 64 or _SUPER.size + n_sections * _SECTION.size > len(payload):
+        if n_sections > MAX_SECTIONS or _SUPER.size + n_sections * _SECTION.size > len(payload):
             raise _fmt_err(f"section table of {n_sections} entries does not fit")
         self.chunk_size: int = 1 << log2
         mv = memoryview(payload)
@@ -392,8 +416,25 @@ class Index:
             raise _fmt_err(f"header says {hsize}+{clen} bytes, blob has {len(blob)}")
         if plen > max_payload:
             raise _fmt_err(f"payload of {plen} bytes exceeds the limit of {max_payload}")
+        limit = payload_limit(clen)
+        if plen > limit:
+            raise _fmt_err(
+                f"payload of {plen} bytes from {clen} compressed exceeds the limit of {limit} "
+                f"({INDEX_MAX_RATIO}x the compressed size, at least {INDEX_RATIO_FREE}): a decompression bomb"
+            )
+        frame = blob[hsize:]
+        dctx = zstandard.ZstdDecompressor()
         try:
-            payload = zstandard.ZstdDecompressor().decompress(blob[hsize:], max_output_size=plen)
+            # the frame's own size field, when present, is what zstd allocates: it must agree
+            content = zstandard.frame_content_size(frame)
+            if content not in (-1, plen):
+                raise _fmt_err(f"payload frame says {content} bytes, the header {plen}")
+            # the section table accounts for every byte of the payload: checked on the first
+            # bytes, before the whole payload is decompressed
+            head = dctx.stream_reader(frame).read(min(plen, _SUPER.size + MAX_SECTIONS * _SECTION.size))
+            _check_table(head, plen)
+            # bounded: at most plen bytes (the frame's size field equals it or is absent)
+            payload = dctx.decompress(frame, max_output_size=plen)
         except zstandard.ZstdError as exc:
             raise _fmt_err(f"payload does not decompress: {exc}") from exc
         if len(payload) != plen or hashlib.sha256(payload).digest() != checksum:

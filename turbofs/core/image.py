@@ -8,14 +8,13 @@ names each chunk's blob by digest. :func:`parse_manifest` checks that these agre
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from turbofs.core import codec, oci
 from turbofs.core import format as fmt
-from turbofs.core.config import CLIENT_MAX_CONFIG
+from turbofs.core.config import CLIENT_MAX_CONFIG, CLIENT_MAX_MANIFEST
 from turbofs.core.errors import FormatError, NotFound
 
 
@@ -51,7 +50,10 @@ class ImageManifest(OciDocument):
 
     @property
     def layers(self) -> list[oci.Descriptor]:
-        return [oci.Descriptor.from_json(d, f"manifest {self.where}") for d in self.obj.get("layers") or []]
+        layers = self.obj.get("layers", [])
+        if not isinstance(layers, list):
+            raise FormatError(f"manifest {self.where}: layers is not a list")
+        return [oci.Descriptor.from_json(d, f"manifest {self.where}") for d in layers]
 
 
 @dataclass(frozen=True)
@@ -91,23 +93,60 @@ def is_turbo_manifest(obj: dict[str, Any]) -> bool:
     )
 
 
+def _check_schema_version(obj: dict[str, Any], where: str) -> None:
+    version = obj.get("schemaVersion")
+    if type(version) is not int or version != 2:  # not True, not 2.0
+        raise FormatError(f"{where}: schemaVersion must be 2, not {str(version)[:40]!r}")
+
+
+def _annotations(obj: dict[str, Any], where: str) -> dict[str, str]:
+    """The ``annotations`` of a document: a string-string map (OCI image spec), {} if absent."""
+    ann = obj.get("annotations")
+    if ann is None:
+        return {}
+    if not isinstance(ann, dict) or not all(isinstance(v, str) for v in ann.values()):
+        raise FormatError(f"{where}: annotations must map strings to strings")
+    return dict(ann)
+
+
+def _optional_string(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise FormatError(f"{where}: {key} is not a string")
+    return value
+
+
 def parse_manifest(raw: bytes, digest: str) -> TurboManifest:
+    """A turbo image's manifest, named by ``digest``: every field of the OCI image manifest
+    of the type the spec gives it, the first layer the index, the others chunk blobs."""
+    if len(raw) > CLIENT_MAX_MANIFEST:
+        raise FormatError(f"manifest {digest}: {len(raw)} bytes is over the limit of {CLIENT_MAX_MANIFEST}")
     oci.verify_bytes(raw, digest, "manifest")
-    obj = oci.parse_json(raw, f"manifest {digest}")
-    if obj.get("schemaVersion") != 2:
-        raise FormatError(f"manifest {digest}: schemaVersion must be 2")
+    where = f"manifest {digest}"
+    obj = oci.parse_json(raw, where)
+    _check_schema_version(obj, where)
+    media_type = _optional_string(obj, "mediaType", where)
+    if media_type is not None and media_type not in (oci.OCI_MANIFEST, oci.DOCKER_MANIFEST):
+        raise FormatError(f"{where}: media type {media_type[:100]!r} is not an image manifest")
+    _optional_string(obj, "artifactType", where)
+    if "subject" in obj:
+        oci.Descriptor.from_json(obj["subject"], f"{where}: subject")
+    ann = _annotations(obj, where)
     if not is_turbo_manifest(obj):
         raise FormatError(f"manifest {digest} is not a turbo image (its first layer is not a turbofs index)")
     config = oci.Descriptor.from_json(obj.get("config"), f"manifest {digest}: config")
+    if not config.media_type:
+        raise FormatError(f"{where}: config descriptor has no mediaType")
     layers = [oci.Descriptor.from_json(d, f"manifest {digest}: layer") for d in obj["layers"]]
     index, blobs = layers[0], tuple(layers[1:])
+    if index.size > fmt.HEADER_SIZE + fmt.MAX_PAYLOAD:
+        raise FormatError(f"manifest {digest}: index blob of {index.size} bytes is over the limit of {fmt.MAX_PAYLOAD}")
     for b in blobs:
         if b.media_type != oci.TURBO_CHUNKS:
             raise FormatError(f"manifest {digest}: layer {b.digest} has media type {b.media_type!r}, expected {oci.TURBO_CHUNKS}")
-    ann = obj.get("annotations") or {}
     if ann.get(oci.ANN_TURBO_INDEX, index.digest) != index.digest:
         raise FormatError(f"manifest {digest}: index annotation disagrees with its first layer")
-    return TurboManifest(digest, raw, config, index, blobs, dict(ann))
+    return TurboManifest(digest, raw, config, index, blobs, ann)
 
 
 def load_index(manifest: TurboManifest, data: bytes) -> fmt.Index:
@@ -159,26 +198,44 @@ class LayoutImage:
 
 def open_layout_image(root: Path, tag: str | None = None) -> LayoutImage:
     """Open the turbo image tagged ``tag`` (or the only image) in the layout at ``root``."""
+    where = f"{root}/index.json"
     try:
-        index_json = json.loads((root / "index.json").read_bytes())
+        with open(root / "index.json", "rb") as f:
+            raw = f.read(CLIENT_MAX_MANIFEST + 1)
     except FileNotFoundError:
         raise NotFound(f"{root}: not an OCI image layout (no index.json)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{root}/index.json: {exc}") from None
-    descs = [oci.Descriptor.from_json(d, f"{root}/index.json") for d in index_json.get("manifests", [])]
+    if len(raw) > CLIENT_MAX_MANIFEST:
+        raise FormatError(f"{where}: larger than the limit of {CLIENT_MAX_MANIFEST} bytes")
+    index_json = oci.parse_json(raw, where)
+    _check_schema_version(index_json, where)
+    media_type = _optional_string(index_json, "mediaType", where)
+    if media_type is not None and media_type != oci.OCI_INDEX:
+        raise FormatError(f"{where}: media type {media_type[:100]!r} is not an image index")
+    _annotations(index_json, where)
+    entries = index_json.get("manifests")
+    if not isinstance(entries, list):
+        raise FormatError(f"{where}: manifests is not a list")
+    descs = [oci.Descriptor.from_json(d, where) for d in entries]
     if tag is not None:
         descs = [d for d in descs if (d.annotations or {}).get(oci.ANN_REF_NAME) == tag]
     if len(descs) != 1:
         raise NotFound(f"{root}: {'no' if not descs else 'more than one'} image" + (f" tagged {tag!r}" if tag else ""))
 
-    def read(digest: str) -> bytes:
-        algo, hexd = oci.check_digest(digest).split(":", 1)
+    def read(desc: oci.Descriptor, limit: int) -> bytes:
+        """A blob of the layout, of the size its descriptor gives (checked before reading)."""
+        algo, hexd = oci.check_digest(desc.digest).split(":", 1)
+        if desc.size > limit:
+            raise FormatError(f"{root}: blob {desc.digest} of {desc.size} bytes is over the limit of {limit}")
         try:
-            return (root / "blobs" / algo / hexd).read_bytes()
+            with open(root / "blobs" / algo / hexd, "rb") as f:
+                data = f.read(desc.size + 1)
         except FileNotFoundError:
-            raise NotFound(f"{root}: blob {digest} is missing") from None
+            raise NotFound(f"{root}: blob {desc.digest} is missing") from None
+        if len(data) != desc.size:
+            raise FormatError(f"{root}: blob {desc.digest} is not of the {desc.size} bytes its descriptor gives")
+        return data
 
-    manifest = parse_manifest(read(descs[0].digest), descs[0].digest)
-    config = parse_config(read(manifest.config.digest), manifest.config)
-    index = load_index(manifest, read(manifest.index.digest))
+    manifest = parse_manifest(read(descs[0], CLIENT_MAX_MANIFEST), descs[0].digest)
+    config = parse_config(read(manifest.config, CLIENT_MAX_CONFIG), manifest.config)
+    index = load_index(manifest, read(manifest.index, fmt.HEADER_SIZE + fmt.MAX_PAYLOAD))
     return LayoutImage(root, manifest, config.obj, index)

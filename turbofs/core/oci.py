@@ -125,6 +125,8 @@ class Descriptor:
             raise FormatError(f"{what}: annotations must map strings to strings")
         plat = obj.get("platform")
         urls = obj.get("urls") or ()
+        if not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) for u in urls):
+            raise FormatError(f"{what}: descriptor {digest}: urls must be a list of strings")
         return cls(media_type, digest, size, ann, plat if isinstance(plat, dict) else None, tuple(urls))
 
     def to_json(self) -> dict[str, Any]:
@@ -143,11 +145,19 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from outside: anything else (not JSON, NaN or Infinity, nesting past the
+    parser's depth, integers past Python's digit limit) is a FormatError."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{what} is not valid JSON: {exc}") from None
+        obj = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise FormatError(f"{what} is not acceptable JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise FormatError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{what} is not a JSON object")
     return obj

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from turbofs.core.config import (
     CLIENT_BACKOFF_MAX,
     CLIENT_BATCH_BYTES,
     CLIENT_BATCH_RANGES,
+    CLIENT_CAPS_RETRY,
     CLIENT_CONNECT_TIMEOUT,
     CLIENT_MAX_CONFIG,
     CLIENT_MAX_CONNECTIONS,
@@ -184,6 +186,7 @@ class RegistryClient:
         backoff_max: float = CLIENT_BACKOFF_MAX,
         retry_after_max: float = CLIENT_RETRY_AFTER_MAX,
         max_connections: int = CLIENT_MAX_CONNECTIONS,
+        caps_retry: float = CLIENT_CAPS_RETRY,
     ) -> None:
         self.registry = registry
         self.base = f"{scheme or default_scheme(registry)}://{registry}"
@@ -199,7 +202,9 @@ class RegistryClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=True,
         )
-        self._caps: dict[str, Any] | None = None
+        self._caps: dict[str, Any] | None = None  # None: no definitive answer yet
+        self.caps_retry = caps_retry
+        self._caps_failed = -float("inf")  # time.monotonic() of the last failed ask
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -271,15 +276,32 @@ class RegistryClient:
         await self._request("GET", "/v2/", "version check")
 
     async def capabilities(self) -> dict[str, Any]:
-        """The turbofs extensions of this registry, or ``{}`` for a standard registry."""
-        if self._caps is None:
-            try:
-                resp = await self._request("GET", "/v2/_turbofs/info", "turbofs extensions", ok=(200, 404))
-                self._caps = resp.json() if resp.status_code == 200 else {}
-            except (RegistryError, json.JSONDecodeError):
-                self._caps = {}
-            if not isinstance(self._caps, dict):
-                self._caps = {}
+        """The turbofs extensions of this registry, or ``{}`` for a standard registry.
+
+        Only a definitive answer is kept (200, or a 4xx that is not worth repeating: a
+        registry without the extensions). After a failure (unreachable, 5xx, 429) the
+        answer is ``{}`` for ``caps_retry`` seconds, then the registry is asked again."""
+        if self._caps is not None:
+            return self._caps
+        if time.monotonic() - self._caps_failed < self.caps_retry:
+            return {}
+        try:
+            # one try: the caller's own request (ranges) has the retries
+            resp = await self._request("GET", "/v2/_turbofs/info", "turbofs extensions", ok=(200,), retry=False)
+        except _Unreachable:
+            self._caps_failed = time.monotonic()
+            return {}
+        except RegistryError as exc:
+            if exc.status in CLIENT_RETRY_STATUS:
+                self._caps_failed = time.monotonic()
+                return {}
+            self._caps = {}  # 404 (a standard registry), 401, 403...: the answer stands
+            return self._caps
+        try:
+            caps = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            caps = None
+        self._caps = caps if isinstance(caps, dict) else {}
         return self._caps
 
     async def has_extension(self, name: str) -> bool:
@@ -538,9 +560,31 @@ async def _gather(fn: Callable[[Any], Awaitable[None]], items: Any, parallel: in
         async with sem:
             await fn(item)
 
-    async with anyio.create_task_group() as tg:
-        for item in items:
-            tg.start_soon(one, item)
+    try:
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                tg.start_soon(one, item)
+    except BaseExceptionGroup as group:  # the callers' errors are single: raise the cause
+        cause = first_error(group)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The error that a group of failures (a task group's) stands for: its first TurboError,
+    else its first other error; None where it holds anything but errors (a cancellation)."""
+    leaves: list[Exception] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        elif isinstance(exc, Exception):
+            leaves.append(exc)
+        else:
+            return None
+    return next((e for e in leaves if isinstance(e, TurboError)), leaves[0] if leaves else None)
 
 
 async def _pieces(source: Path | bytes) -> AsyncIterator[bytes]:

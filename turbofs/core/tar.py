@@ -5,14 +5,17 @@ stream; pax values stay raw bytes (names that are not UTF-8, binary xattr values
 pax value deletes the record (POSIX), so the ustar field or global record applies, except an
 entry's own xattr record, which is an xattr with an empty value. Supported: all ustar
 entry types, pax ``x`` and ``g`` headers, GNU long names (``L``, ``K``) and base-256 numbers;
-GNU sparse files and multi-volume archives are refused.
+GNU sparse files and multi-volume archives are refused. Numbers are checked where they are
+read (pax decimals are digits only; uid, gid and device numbers fit 32 bits, mtime 64-bit
+seconds), and the metadata before one entry is bounded as a whole (TAR_MAX_META_SIZE).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Final
 
 from turbofs.core.config import TAR_MAX_META_SIZE
@@ -21,6 +24,15 @@ from turbofs.core.fstree import XATTR_RECORDS
 
 BLOCK: Final = 512
 _NS: Final = 1_000_000_000
+_U32_MAX: Final = (1 << 32) - 1
+#: seconds an mtime may hold: the index and the kernel keep a signed 64-bit count
+_MTIME_MIN, _MTIME_MAX = -(1 << 63), (1 << 63) - 1
+#: a pax decimal: digits only (no sign, blanks or underscores, as int() would take), at
+#: most 20 of them (2^64 has 20)
+_PAX_UINT: Final = re.compile(rb"[0-9]{1,20}")
+#: a pax time: seconds and an optional fraction (no exponent, NaN or infinity); the
+#: fraction's digits past a nanosecond only round
+_PAX_TIME: Final = re.compile(rb"-?[0-9]{1,20}(?:\.[0-9]{0,64})?")
 _TYPES: Final = {
     b"0": "file", b"\0": "file", b"7": "file",
     b"1": "hardlink", b"2": "symlink", b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo",
@@ -116,13 +128,10 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     while pos < len(data):
         if data[pos] == 0:
             break  # NUL padding
-        space = data.find(b" ", pos)
-        if space < 0:
-            raise TarError("malformed pax record")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarError("malformed pax record length") from None
+        space = data.find(b" ", pos, pos + 21)
+        if space < 0 or not _PAX_UINT.fullmatch(data, pos, space):
+            raise TarError(f"malformed pax record length {data[pos : pos + 21]!r}")
+        length = int(data[pos:space])
         end = pos + length
         if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n":
             raise TarError("malformed pax record")
@@ -136,7 +145,7 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 def _merge(global_: dict[bytes, bytes], local: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The pax records in force for one entry."""
-    merged = {**global_, **local} if global_ else local
+    merged = {**global_, **local}  # a copy always: the loop below deletes from it
     for key, value in local.items():
         if not value and (key in global_ or not key.startswith(XATTR_RECORDS)):
             del merged[key]
@@ -147,17 +156,22 @@ def _pax_int(pax: dict[bytes, bytes], key: bytes, default: int) -> int:
     value = pax.get(key)
     if not value:
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise TarError(f"invalid pax {key.decode()} {value!r}") from None
+    if not _PAX_UINT.fullmatch(value):
+        raise TarError(f"invalid pax {key.decode()} {value[:40]!r}")
+    return int(value)
 
 
 def _pax_mtime(value: bytes) -> int:
-    try:
-        return int((Decimal(value.decode("ascii")) * _NS).to_integral_value(rounding="ROUND_FLOOR"))
-    except (InvalidOperation, UnicodeDecodeError):
-        raise TarError(f"invalid pax mtime {value!r}") from None
+    if not _PAX_TIME.fullmatch(value):
+        raise TarError(f"invalid pax mtime {value[:40]!r}")
+    return int((Decimal(value.decode("ascii")) * _NS).to_integral_value(rounding="ROUND_FLOOR"))
+
+
+def _in_range(value: int, low: int, high: int, what: str) -> int:
+    """``value``, refused if the index or the kernel could not hold it."""
+    if not low <= value <= high:
+        raise TarError(f"{what} {value} in a tar header is out of range [{low}, {high}]")
+    return value
 
 
 class TarReader:
@@ -168,6 +182,7 @@ class TarReader:
         self._left = 0  # data bytes of the current entry not read yet
         self._pad = 0  # padding after the current entry's data
         self._global: dict[bytes, bytes] = {}
+        self._meta_bytes = 0  # pax and long-name bytes read since the last entry
         self.ended = False
 
     def read(self, n: int) -> bytes:
@@ -194,8 +209,11 @@ class TarReader:
         return block
 
     def _meta(self, size: int, what: str) -> bytes:
-        if size > TAR_MAX_META_SIZE:
-            raise TarError(f"{what} of {size} bytes is too large")
+        # one bound for all the metadata before an entry (several pax headers, long names)
+        self._meta_bytes += size
+        if size > TAR_MAX_META_SIZE or self._meta_bytes > TAR_MAX_META_SIZE:
+            raise TarError(f"{what} of {size} bytes is too large (metadata of one entry is limited to "
+                           f"{TAR_MAX_META_SIZE} bytes)")
         data = self._in.take(size)
         if len(data) < size:
             raise TarError(f"tar archive is truncated: it ends inside a {what}")
@@ -233,6 +251,8 @@ class TarReader:
             if typeflag == b"g":
                 records = {**self._global, **_parse_pax(self._meta(size, "global pax header"))}
                 self._global = {k: v for k, v in records.items() if v}
+                if sum(len(k) + len(v) for k, v in self._global.items()) > TAR_MAX_META_SIZE:
+                    raise TarError(f"global pax records of more than {TAR_MAX_META_SIZE} bytes")
                 continue
             if typeflag == b"L":
                 long_name = _cstr(self._meta(size, "GNU long name"))
@@ -243,6 +263,7 @@ class TarReader:
             if typeflag == b"V":  # a volume label: nothing to extract
                 self._left, self._pad = size, -size % BLOCK
                 pax, long_name, long_link = {}, None, None
+                self._meta_bytes = 0
                 continue
             kind = _TYPES.get(typeflag)
             if kind is None:
@@ -264,19 +285,22 @@ class TarReader:
             if kind == "file" and typeflag in (b"\0", b"0") and name.endswith(b"/"):
                 kind = "dir"  # old archives mark directories by a trailing slash
             mtime = merged.get(b"mtime")
+            dev = kind in ("char", "block")
             entry = TarEntry(
                 name=name,
                 type=kind,
                 size=size if kind == "file" else 0,
                 mode=_number(block[100:108], "mode") & 0o7777,
-                uid=_pax_int(merged, b"uid", _number(block[108:116], "uid")),
-                gid=_pax_int(merged, b"gid", _number(block[116:124], "gid")),
+                uid=_in_range(_pax_int(merged, b"uid", _number(block[108:116], "uid")), 0, _U32_MAX, "uid"),
+                gid=_in_range(_pax_int(merged, b"gid", _number(block[116:124], "gid")), 0, _U32_MAX, "gid"),
                 mtime_ns=_pax_mtime(mtime) if mtime else _number(block[136:148], "mtime") * _NS,
                 linkname=linkname,
-                devmajor=_number(block[329:337], "devmajor") if kind in ("char", "block") else 0,
-                devminor=_number(block[337:345], "devminor") if kind in ("char", "block") else 0,
+                devmajor=_in_range(_number(block[329:337], "devmajor"), 0, _U32_MAX, "devmajor") if dev else 0,
+                devminor=_in_range(_number(block[337:345], "devminor"), 0, _U32_MAX, "devminor") if dev else 0,
                 pax=merged,
             )
+            _in_range(entry.mtime_ns // _NS, _MTIME_MIN, _MTIME_MAX, "mtime")
             self._left, self._pad = size, -size % BLOCK
             pax, long_name, long_link = {}, None, None
+            self._meta_bytes = 0
             yield entry

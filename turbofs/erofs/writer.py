@@ -32,6 +32,7 @@ from itertools import accumulate, compress, repeat
 from typing import BinaryIO, Final
 
 from turbofs.core import format as fmt
+from turbofs.core.errors import FormatError
 from turbofs.erofs import ondisk as d
 from turbofs.erofs.errors import ErofsUnsupported
 
@@ -119,6 +120,7 @@ class ErofsImage:
     nids: list[int] = field(default_factory=list)  # nid of each index inode
     chunk_owner: list[int] = field(default_factory=list)  # an index inode using each chunk, or -1
     stats: dict[str, int] = field(default_factory=dict)
+    _owner_paths: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -137,6 +139,21 @@ class ErofsImage:
         """A regular file whose data lies in chunk ``chunk_id`` (for messages), or None."""
         ino = self.chunk_owner[chunk_id] if 0 <= chunk_id < len(self.chunk_owner) else -1
         return ino if ino >= 0 else None
+
+    def owner_path(self, chunk_id: int) -> str | None:
+        """The path in the image of the file :meth:`owner` names (for messages), or None."""
+        ino = self.owner(chunk_id)
+        if ino is None:
+            return None
+        path = self._owner_paths.get(ino)
+        if path is None:
+            try:
+                raw = next((p for p, i in self.index.walk() if i == ino), None)
+            except FormatError:
+                raw = None
+            path = f"<inode {ino}>" if raw is None else "/" + raw.decode("utf-8", "backslashreplace")
+            self._owner_paths[ino] = path
+        return path
 
     def chunk_at(self, block: int) -> tuple[int, int]:
         """(chunk id, block within it) of a block of the data region."""

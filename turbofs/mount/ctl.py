@@ -37,6 +37,9 @@ log = logging.getLogger("turbofs.daemon")
 
 #: Where each mount's state folder lives (pid, control socket, log): gone at reboot, as the mounts.
 DEFAULT_RUN_DIR: Final = Path("/run/turbofs/mounts")
+#: The daemon's event when its prefetch ended with chunks not on disk (followed by the summary);
+#: "prefetched" means every chunk is.
+PREFETCH_INCOMPLETE: Final = "prefetch-incomplete"
 
 
 @dataclass
@@ -183,11 +186,12 @@ def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool, spa
             )
         os.close(write_fd)
     seen: set[str] = set()
+    incomplete: str | None = None  # the daemon's summary of a prefetch that ended short
     deadline = time.monotonic() + MOUNT_READY_TIMEOUT
     buf = b""
     with os.fdopen(read_fd, "rb", buffering=0) as events:
         while True:
-            if "ready" in seen and (not wait or "prefetched" in seen):
+            if "ready" in seen and (not wait or "prefetched" in seen or incomplete is not None):
                 break
             # no deadline once mounted: a full prefetch (--wait) takes as long as it takes
             left = None if "ready" in seen else deadline - time.monotonic()
@@ -202,13 +206,21 @@ def mount_background(argv_tail: list[str], req: MountRequest, *, wait: bool, spa
                 break  # the daemon exited
             buf += piece
             *lines, buf = buf.split(b"\n")
-            seen.update(line.decode().strip() for line in lines)
+            for line in lines:
+                event = line.decode(errors="replace").strip()
+                if event.startswith(PREFETCH_INCOMPLETE + " "):
+                    incomplete = event[len(PREFETCH_INCOMPLETE) + 1 :]
+                else:
+                    seen.add(event)
     if "ready" not in seen:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         reason = next((ln.split("error: ", 1)[1] for ln in reversed(tail) if "error: " in ln), " / ".join(tail))
         raise TurboError(f"mount of {req.ref} at {req.mountpoint} failed: {reason} (log: {log_path})")
+    if wait and incomplete is not None:
+        raise TurboError(f"{req.ref} is mounted at {req.mountpoint} (daemon pid {proc.pid}) but not all local: "
+                         f"prefetch {incomplete} (log: {log_path})")
     if wait and "prefetched" not in seen:
         raise TurboError(f"{req.ref}: the daemon stopped before the prefetch completed (log: {log_path})")
     return proc.pid

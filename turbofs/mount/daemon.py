@@ -34,10 +34,11 @@ import trio
 
 from turbofs.core.errors import TurboError
 from turbofs.core.format import Index
+from turbofs.core.registry import first_error
 from turbofs.erofs import ErofsError, ErofsImage, prepare_image
 from turbofs.mount import kernel
 from turbofs.mount.control import serve_control
-from turbofs.mount.ctl import MountRequest, clean_stale, state_dir
+from turbofs.mount.ctl import PREFETCH_INCOMPLETE, MountRequest, clean_stale, state_dir
 from turbofs.mount.erofsfile import IMAGE_INO, ErofsFileFS, image_mount_options
 from turbofs.mount.erofsmount import ErofsMount, unmount_dead_erofs
 from turbofs.mount.fusefs import TurboFS, fuse_options
@@ -45,7 +46,7 @@ from turbofs.mount.pagecache import PageCacheStore, stop_page_cache_stores
 from turbofs.node import memory
 from turbofs.node.cache import ChunkCache
 from turbofs.node.metrics import NodeMetrics
-from turbofs.node.prefetch import Prefetcher
+from turbofs.node.prefetch import Prefetcher, PrefetchState
 from turbofs.node.reader import ChunkReader
 from turbofs.node.source import OpenedImage, open_image
 
@@ -176,7 +177,9 @@ class Daemon:
         await self.prefetcher.run()
         memory.trim()  # the prefetch's buffers are gone: give their pages back
         await self.ready.wait()  # "prefetched" never comes before "ready"
-        self.notify("prefetched")
+        p = self.prefetcher.progress()
+        # "prefetched" only when every chunk is on disk (``mount --wait`` returns 0 on it)
+        self.notify("prefetched" if p.state is PrefetchState.DONE else f"{PREFETCH_INCOMPLETE} {p.summary()}")
 
     async def run(self) -> None:
         req = self.req
@@ -184,11 +187,21 @@ class Daemon:
         self.state.mkdir(parents=True, exist_ok=True)
         unmount_dead_erofs(self.state, req.mountpoint)  # reads the old pid file: first
         (self.state / "pid").write_text(f"{os.getpid()}\n")
-        clean_stale(req.mountpoint)
-        opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform, metrics=self.metrics)
-        self._mark("image_opened")
-        self.opened = opened
-        cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
+        try:
+            clean_stale(req.mountpoint)
+            opened = await open_image(req.ref, auth=req.auth, scheme=req.scheme, platform=req.platform,
+                                      metrics=self.metrics)
+            self._mark("image_opened")
+            self.opened = opened
+            try:
+                cache = await trio.to_thread.run_sync(lambda: ChunkCache.from_config(req.cfg, metrics=self.metrics))
+            except OSError as exc:  # a full disk, no permission...: say which folder and why
+                await opened.source.aclose()
+                raise TurboError(f"cache folder {req.cfg.cache_dir} cannot be used: {exc.strerror or exc}") from None
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                (self.state / "pid").unlink()  # no daemon to find there
+            raise
         self.cache = cache
         name = f"turbofs:{req.ref}"[:200].replace(",", "_")
         try:
@@ -291,6 +304,11 @@ def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:
     memory.tune_allocator()  # before any worker thread: RSS = RAM bound + a fixed overhead
     try:
         trio.run(Daemon(req, notify).run)
+    except BaseExceptionGroup as group:  # a nursery's failure: report the error that caused it
+        cause = first_error(group)
+        if not isinstance(cause, TurboError):
+            raise
+        raise cause from None
     finally:
         if out is not None:
             with contextlib.suppress(OSError):

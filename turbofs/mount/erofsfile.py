@@ -136,7 +136,11 @@ class ErofsFileFS(ReadOnlyOperations):
                 raise
             code = errno_of(leaf)
             if code == errno.EIO:
-                log.error("%s: read of image bytes [%d, +%d) failed: %s", self.name, off, size, leaf)
+                # the file that owns the failing chunk, not the request's first chunk
+                chunk_id = getattr(leaf, "chunk_id", None)
+                path = self.image.owner_path(chunk_id) if isinstance(chunk_id, int) else None
+                log.error("%s: %sread of image bytes [%d, +%d) failed: %s", self.name,
+                          f"{path}: " if path else "", off, size, leaf)
             raise pyfuse3.FUSEError(code) from None
 
     def _read_ahead(self, off: int, size: int) -> None:
@@ -152,9 +156,11 @@ class ErofsFileFS(ReadOnlyOperations):
         chunks = {e.chunk.id: e.chunk for e in extents if e.chunk is not None}
         datas: dict[int, bytes] = {}
         if chunks:
-            # the chunks of one request are fetched together: one coalesced request
-            first = next(iter(chunks))
-            datas = await self.reader.read_chunks(list(chunks.values()), ino=self.image.owner(first))
+            # the chunks of one request are fetched together: one coalesced request. The
+            # reader's errors name the file only where all belong to one (a wrong name misleads)
+            owners = {self.image.owner(cid) for cid in chunks}
+            datas = await self.reader.read_chunks(list(chunks.values()),
+                                                  ino=owners.pop() if len(owners) == 1 else None)
         self._read_ahead(off, size)
         parts: list[bytes] = []
         for e in extents:

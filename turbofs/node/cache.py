@@ -11,11 +11,17 @@ place without fsync, so a file is checked against its name before use unless thi
 wrote or checked it and it keeps that stamp (inode, size, mtime ns); trust from a frame check
 extends only to chunks with the same frame digest. Eviction never removes a file being read
 (readers pin it); several daemons may share one directory.
+
+The disk tier stays within its byte bound and leaves a reserve of its file system free
+(``DISK_CACHE_RESERVE_*``, by statvfs): short of space it evicts its own least recently used
+chunks, else writes nothing. Failed writes are counted by cause; the first is logged with its
+cause, later ones in one summary line per ``DISK_CACHE_WRITE_LOG_INTERVAL``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -36,12 +42,15 @@ from turbofs.core.codec import VerifiedChunk, verify_data
 from turbofs.core.config import (
     CACHE_STALE_TEMP,
     DISK_CACHE_BLOCK,
+    DISK_CACHE_RESERVE_MAX,
+    DISK_CACHE_RESERVE_SHARE,
+    DISK_CACHE_WRITE_LOG_INTERVAL,
     RAM_CACHE_MAX_ENTRIES,
     DaemonConfig,
 )
 from turbofs.core.errors import DigestMismatch
 from turbofs.core.format import Chunk
-from turbofs.node.metrics import Gauge, NodeMetrics
+from turbofs.node.metrics import Counter, Gauge, NodeMetrics
 
 log = logging.getLogger("turbofs.node.cache")
 
@@ -51,6 +60,8 @@ DISK_FORMAT: Final = b"turbofs chunk cache 1: uncompressed chunks named by their
 _NAME_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _TEMP_RE: Final = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+$")
 _TEMP_PREFIX: Final = secrets.token_hex(4)
+#: Temp files in the cache folder itself (the version file's), ".version": before they had hex names.
+_ROOT_TEMP_RE: Final = re.compile(r"^\.tmp\.(\d+)\.(?:[0-9a-f]+|version)$")
 #: Reads that must not wait for the disk (preadv with RWF_NOWAIT, Linux 4.14+).
 _NOWAIT: Final = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
 _temp_numbers = itertools.count()
@@ -122,7 +133,9 @@ class DiskStats:
     misses: int = 0
     corrupt: int = 0
     writes: int = 0
-    write_errors: int = 0
+    write_errors: int = 0  # every cache file not written, whatever the cause
+    disk_full: int = 0  # of which: no space (the file system's reserve reached, ENOSPC, EDQUOT)
+    last_write_error: str = ""
     evictions: int = 0
     removed_temps: int = 0
     trusted_hits: int = 0  # hits on files this process had checked: no second sha256
@@ -206,6 +219,8 @@ class DiskCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._log_next: float | None = None  # monotonic time of the next write-failure summary
+        self._unlogged = 0  # write failures since the last line about them
         self._open()
 
     # -- start
@@ -221,10 +236,20 @@ class DiskCache:
             log.warning("%s: cache of another format (%r): starting empty", self.root, found[:60])
             self._wipe()
         if found != DISK_FORMAT:
-            tmp = self.root / f".tmp.{os.getpid()}.version"
-            tmp.write_bytes(DISK_FORMAT)
-            os.replace(tmp, marker)
+            # named as every temp file is, so that the cleaner matches it; gone if the write fails
+            tmp = self.root / f".tmp.{os.getpid()}.{_TEMP_PREFIX}{next(_temp_numbers):x}"
+            try:
+                tmp.write_bytes(DISK_FORMAT)
+                os.replace(tmp, marker)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
         now = time.time()
+        with os.scandir(self.root) as it:  # a version file's temp left by a crash
+            for e in it:
+                if m := _ROOT_TEMP_RE.match(e.name):
+                    self._maybe_remove_temp(Path(e.path), int(m.group(1)), now)
         found_files: list[tuple[float, str, int]] = []
         for sub in self._subdirs():
             with os.scandir(sub) as it:
@@ -284,6 +309,22 @@ class DiskCache:
 
     def __contains__(self, digest: bytes) -> bool:
         return digest.hex() in self._entries
+
+    def free_bytes(self) -> int:
+        """Bytes the file system can still take before the cache's reserve (negative when the
+        reserve is already eaten into); statvfs, so other users of the disk count."""
+        st = os.statvfs(self.root)
+        reserve = min(DISK_CACHE_RESERVE_MAX, int(st.f_blocks * st.f_frsize * DISK_CACHE_RESERVE_SHARE))
+        return st.f_bavail * st.f_frsize - reserve
+
+    def room(self) -> int:
+        """Bytes more the cache can hold without evicting: the rest of its bound, or what the
+        file system leaves above the reserve if that is less."""
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = self.max_bytes
+        return max(0, min(self.max_bytes - self._bytes, free))
 
     def touch(self, digest: bytes) -> None:
         """Mark a chunk as just used (in memory only)."""
@@ -402,6 +443,9 @@ class DiskCache:
                 self._entries.move_to_end(name)
                 return True
         path = self.path(name)
+        if not self._make_room(_usage(len(v.data))):
+            self._write_failed(path, OSError(errno.ENOSPC, "not written: the file system is down to the cache's reserve"))
+            return False
         # unique without a syscall: a random part drawn once per process, then a counter
         tmp = path.parent / f".tmp.{os.getpid()}.{_TEMP_PREFIX}{next(_temp_numbers):x}"
         try:
@@ -429,9 +473,7 @@ class DiskCache:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            log.warning("%s: cannot write cache file: %s", path, exc)
-            with self._lock:
-                self.stats.write_errors += 1
+            self._write_failed(path, exc)
             return False
         usage = _usage(len(v.data))
         with self._lock:
@@ -445,6 +487,53 @@ class DiskCache:
             self._evict_locked()
         return True
 
+    def _make_room(self, usage: int) -> bool:
+        """Whether ``usage`` bytes fit above the file system's reserve, after evicting least
+        recently used chunks if they do not yet."""
+        try:
+            short = usage - self.free_bytes()
+            if short <= 0:
+                return True
+            with self._lock:
+                self._evict_locked(short)
+            return self.free_bytes() >= usage
+        except OSError:
+            return True  # no statvfs: the write itself will tell
+
+    def _write_failed(self, path: Path, exc: OSError) -> None:
+        """Count a failed write; log the first with its cause, then at most one summary line
+        per interval."""
+        now = time.monotonic()
+        with self._lock:
+            self.stats.write_errors += 1
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.stats.disk_full += 1
+            self.stats.last_write_error = f"{path}: {exc}"
+            if self._log_next is None:
+                self._log_next = now + DISK_CACHE_WRITE_LOG_INTERVAL
+                summary = 0
+            elif now >= self._log_next:
+                self._log_next = now + DISK_CACHE_WRITE_LOG_INTERVAL
+                summary, self._unlogged = self._unlogged + 1, 0
+            else:
+                self._unlogged += 1
+                return
+        if summary:
+            log.warning("%s: %d cache files not written in the last %g s or so (%d in all; last: %s)",
+                        self.root, summary, DISK_CACHE_WRITE_LOG_INTERVAL, self.stats.write_errors, exc)
+        else:
+            log.warning("%s: cannot write cache file: %s (further failures are summed up every %g s)",
+                        path, exc, DISK_CACHE_WRITE_LOG_INTERVAL)
+
+    def flush_write_log(self) -> None:
+        """Log the failed writes not yet summed up (at the end of a prefetch, at exit)."""
+        with self._lock:
+            pending, self._unlogged = self._unlogged, 0
+            last = self.stats.last_write_error
+        if pending:
+            log.warning("%s: %d more cache files not written (%d in all; last: %s)",
+                        self.root, pending, self.stats.write_errors, last)
+
     def _forget(self, name: str, *, unlink: bool) -> None:
         with self._lock:
             entry = self._entries.pop(name, None)
@@ -454,18 +543,20 @@ class DiskCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path(name))
 
-    def _evict_locked(self) -> None:
-        """Remove least recently used, unpinned files until under the bound (lock held)."""
-        if self._bytes <= self.max_bytes:
+    def _evict_locked(self, free: int = 0) -> None:
+        """Remove least recently used, unpinned files until under the bound and ``free`` more
+        bytes are freed (lock held)."""
+        if self._bytes <= self.max_bytes and free <= 0:
             return
         victims = []
         for name, entry in self._entries.items():
-            if self._bytes <= self.max_bytes:
+            if self._bytes <= self.max_bytes and free <= 0:
                 break
             if entry.pins:
                 continue  # being read: never removed under a reader
             victims.append(name)
             self._bytes -= entry.usage
+            free -= entry.usage
         for name in victims:
             del self._entries[name]
             with contextlib.suppress(FileNotFoundError):
@@ -507,8 +598,9 @@ class ChunkCache:
             m.add(Gauge("turbofs_cache_chunks", "Chunks held by each cache tier.", ["tier"], self._chunks_by_tier))
             m.add(Gauge("turbofs_cache_evictions", "Chunks evicted from each cache tier.", ["tier"],
                         self._evictions_by_tier))
-            m.add(Gauge("turbofs_disk_cache_write_errors", "Cache files that could not be written.", [],
-                        lambda: [((), float(disk.stats.write_errors if disk else 0))]))
+            m.add(Counter("turbofs_disk_cache_write_errors_total",
+                          "Cache files not written, by cause (disk_full: the reserve reached, ENOSPC, EDQUOT).",
+                          ["cause"], self._write_errors_by_cause))
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig, *, metrics: NodeMetrics | None = None) -> ChunkCache:
@@ -518,20 +610,24 @@ class ChunkCache:
         return cls(RamCache(cfg.ram_cache_bytes), disk, metrics=metrics)
 
     def _bytes_by_tier(self) -> list[tuple[tuple[str, ...], float]]:
-        return [(("ram",), float(self.ram.used_bytes)), (("disk",), float(self.disk.used_bytes if self.disk else 0))]
+        return [(("ram",), float(self.ram.used_bytes)), (("disk",), float(self.disk.used_bytes if self.disk is not None else 0))]
 
     def _chunks_by_tier(self) -> list[tuple[tuple[str, ...], float]]:
-        return [(("ram",), float(len(self.ram))), (("disk",), float(len(self.disk) if self.disk else 0))]
+        return [(("ram",), float(len(self.ram))), (("disk",), float(len(self.disk) if self.disk is not None else 0))]
+
+    def _write_errors_by_cause(self) -> list[tuple[tuple[str, ...], float]]:
+        st = self.disk.stats if self.disk is not None else DiskStats()
+        return [(("disk_full",), float(st.disk_full)), (("io",), float(st.write_errors - st.disk_full))]
 
     def _evictions_by_tier(self) -> list[tuple[tuple[str, ...], float]]:
-        return [(("ram",), float(self.ram.evictions)), (("disk",), float(self.disk.stats.evictions if self.disk else 0))]
+        return [(("ram",), float(self.ram.evictions)), (("disk",), float(self.disk.stats.evictions if self.disk is not None else 0))]
 
     def counts(self) -> CacheCounts:
         d = self.disk
         return CacheCounts(
             self.ram.used_bytes, len(self.ram), self.ram.max_bytes,
-            d.used_bytes if d else 0, len(d) if d else 0, d.max_bytes if d else 0,
-            d.stats if d else DiskStats(),
+            d.used_bytes if d is not None else 0, len(d) if d is not None else 0, d.max_bytes if d is not None else 0,
+            d.stats if d is not None else DiskStats(),
         )
 
     # -- lookups

@@ -75,13 +75,21 @@ class _Metric:
 
 
 class Counter(_Metric):
-    """A value that only goes up (per label set)."""
+    """A value that only goes up (per label set); or, with ``collect``, one kept elsewhere
+    (another thread's count) and read at render time."""
 
     kind = "counter"
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> None:
         super().__init__(name, help, labelnames)
         self._values: dict[Labels, float] = {}
+        self._collect = collect
         if not self.labelnames:
             self._values[()] = 0.0
 
@@ -92,10 +100,14 @@ class Counter(_Metric):
         self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
+        key = self._key(labels)
+        if self._collect is not None:
+            return dict(self._collect()).get(key, 0.0)
+        return self._values.get(key, 0.0)
 
     def samples(self) -> Iterable[str]:
-        for key, v in sorted(self._values.items()):
+        items = dict(self._collect()) if self._collect is not None else self._values
+        for key, v in sorted(items.items()):
             yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
 
 
@@ -214,6 +226,9 @@ class NodeMetrics(Registry):
             "turbofs_digest_failures_total", "Chunks whose bytes did not match their digest.", ["source"]))
         self.refetches = add(Counter("turbofs_refetches_total", "Chunks fetched again after a digest failure."))
         self.errors = add(Counter("turbofs_read_errors_total", "Reads that failed (each became EIO).", ["kind"]))
+        self.remembered_failures = add(Counter(
+            "turbofs_read_remembered_failures_total",
+            "Reads failed at once by a chunk failure seconds old (counted in turbofs_read_errors_total too)."))
         self.readahead_chunks = add(Counter("turbofs_readahead_chunks_total", "Chunks fetched ahead of sequential reads."))
         self.reads = add(Counter("turbofs_reads_total", "Reads served."))
         self.read_bytes = add(Counter("turbofs_read_bytes_total", "Bytes returned by reads."))

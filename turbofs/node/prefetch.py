@@ -7,9 +7,15 @@ parallelism, into RAM too; it does not yield to reads, which will want them soon
 
 Both go through :meth:`ChunkReader.prefetch` (one single-flight table). No background batch
 starts while a read waits or until reads have been quiet for ``prefetch_quiet`` seconds, so a
-read's response never queues behind batches. Failed batches are retried with backoff; a chunk
-corrupt twice is skipped. Prefetch stops at ``prefetch_disk_share`` of the disk bound, since
-more would evict its own first, most useful chunks.
+read's response never queues behind batches. Failed batches are retried with backoff (for at
+most ``PREFETCH_GIVE_UP`` seconds of nothing but failures); a chunk corrupt twice is skipped.
+Prefetch stops at ``prefetch_disk_share`` of the disk bound, since more would evict its own
+first, most useful chunks, and when the file system is down to the cache's reserve.
+
+Success means local: the state is ``done`` only if every chunk is in the disk tier (written
+after its digest check) when the prefetch ends; otherwise ``incomplete`` (or ``stopped`` at
+the bound), with ``missing``: chunks not on disk by cause (``disk_full``, ``write_error``,
+``corrupt``, ``fetch``, ``disk_bound``, ``evicted``).
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
-from turbofs.core.config import PREFETCH_BATCH_EXPANSION, PREFETCH_BUCKET_BURST, DaemonConfig
+from turbofs.core.config import (
+    PREFETCH_BATCH_EXPANSION,
+    PREFETCH_BUCKET_BURST,
+    PREFETCH_GIVE_UP,
+    DaemonConfig,
+)
 from turbofs.core.errors import DigestMismatch
 from turbofs.core.format import Chunk
 from turbofs.node.reader import ChunkReader
@@ -36,8 +48,9 @@ class PrefetchState(enum.StrEnum):  # a str: JSON-friendly for ``turbofs status`
     RUNNING = "running"
     PAUSED = "paused"  # a demand read is waiting
     BACKOFF = "backoff"  # after a failed fetch
-    DONE = "done"
-    STOPPED = "stopped"  # reached its share of the disk cache bound
+    DONE = "done"  # every chunk on disk, checked
+    INCOMPLETE = "incomplete"  # ended with chunks not on disk: ``missing`` says how many and why
+    STOPPED = "stopped"  # reached its share of the disk cache bound (``missing``: disk_bound)
     DISABLED = "disabled"  # no disk tier, or prefetch turned off
 
 
@@ -60,6 +73,9 @@ class PrefetchProgress:
     last_error: str | None
     startup_chunks: int = 0  # chunks of the recorded startup (the first phase)
     startup_seconds: float | None = None  # when the startup phase ended (since the start)
+    #: chunks not on disk, by cause; complete once the prefetch has ended
+    missing: dict[str, int] = field(default_factory=dict)
+    write_errors: int = 0  # chunks fetched and checked, but not written to the disk tier
 
     @property
     def fraction(self) -> float:
@@ -67,7 +83,16 @@ class PrefetchProgress:
 
     @property
     def finished(self) -> bool:
-        return self.state in (PrefetchState.DONE, PrefetchState.STOPPED, PrefetchState.DISABLED)
+        return self.state in (PrefetchState.DONE, PrefetchState.INCOMPLETE, PrefetchState.STOPPED,
+                              PrefetchState.DISABLED)
+
+    def summary(self) -> str:
+        """One line: the state, and for a prefetch that ended short, what is missing and why."""
+        if not self.missing:
+            return f"{self.state.value}: {self.chunks_done} of {self.chunks_total} chunks on disk"
+        causes = ", ".join(f"{cause} {n}" for cause, n in sorted(self.missing.items()))
+        text = f"{self.state.value}: {sum(self.missing.values())} of {self.chunks_total} chunks not on disk ({causes})"
+        return text + (f"; last error: {self.last_error}" if self.last_error else "")
 
 
 class TokenBucket:
@@ -124,9 +149,14 @@ class Prefetcher:
         self.bytes_done = 0
         self.bytes_fetched = 0
         self.errors = 0
+        self.write_errors = 0
         self.last_error: str | None = None
         self._written = 0  # disk usage this prefetcher added
         self._stop = False
+        self._stop_cause: str | None = None  # why it stopped early: disk_bound, disk_full, fetch
+        self._failed: dict[int, str] = {}  # chunk id -> why it is not on disk (corrupt, write_error...)
+        self._missing: dict[str, int] = {}  # at the end: chunks not on disk, by cause
+        self._failing_since: float | None = None  # every fetch has failed since then
         self._paused = 0
         self._backing_off = 0
         self._bucket = (
@@ -143,7 +173,7 @@ class Prefetcher:
         return {
             "chunks_done": p.chunks_done, "chunks_total": p.chunks_total, "chunks_failed": p.chunks_failed,
             "bytes_done": p.bytes_done, "bytes_total": p.bytes_total, "bytes_fetched": p.bytes_fetched,
-            "errors": p.errors,
+            "errors": p.errors, "write_errors": p.write_errors, "chunks_missing": sum(p.missing.values()),
         }
 
     def progress(self) -> PrefetchProgress:
@@ -167,6 +197,8 @@ class Prefetcher:
             self.last_error,
             len(self._startup),
             None if self._startup_end is None or self._start is None else self._startup_end - self._start,
+            dict(self._missing),
+            self.write_errors,
         )
 
     async def wait_done(self) -> PrefetchProgress:
@@ -192,16 +224,39 @@ class Prefetcher:
                     self._startup_end = trio.current_time()
             if not self._stop:
                 await self._phase(self._batches(self._rest, self.cfg.prefetch_batch_bytes), False)
-            self._state = PrefetchState.STOPPED if self._stop else PrefetchState.DONE
+            self._missing = self._not_on_disk()
+            if not self._missing:
+                self._state = PrefetchState.DONE
+            elif self._stop_cause == "disk_bound":
+                self._state = PrefetchState.STOPPED
+            else:
+                self._state = PrefetchState.INCOMPLETE
+            if self.reader.cache.disk is not None:
+                self.reader.cache.disk.flush_write_log()
             p = self.progress()
-            log.info(
+            log.log(
+                logging.INFO if p.state is PrefetchState.DONE else logging.WARNING,
                 "%s: prefetch %s: %d of %d chunks, %.1f of %.1f MB, %.1f s",
-                self.reader.name, p.state.value, p.chunks_done, p.chunks_total,
+                self.reader.name, p.summary(), p.chunks_done, p.chunks_total,
                 p.bytes_done / 1e6, p.bytes_total / 1e6, p.elapsed,
             )
         finally:
             self._end = trio.current_time()
             self._done.set()
+
+    def _not_on_disk(self) -> dict[str, int]:
+        """The chunks the disk tier does not hold now, by cause."""
+        cache = self.reader.cache
+        causes: Counter[str] = Counter()
+        for c in dict.fromkeys(self._chunks):
+            if not cache.on_disk(c):
+                causes[self._failed.get(c.id) or self._stop_cause or "evicted"] += 1
+        return dict(causes)
+
+    def _end_early(self, cause: str, why: str) -> None:
+        if not self._stop:
+            log.warning("%s: prefetch ends early: %s", self.reader.name, why)
+        self._stop, self._stop_cause = True, self._stop_cause or cause
 
     def _done_chunk(self, c: Chunk, *, fetched: bool) -> None:
         self.chunks_done += 1
@@ -226,7 +281,7 @@ class Prefetcher:
         for c in chunks:
             if self._stop:
                 return
-            if cache.contains(c):
+            if cache.on_disk(c):
                 self._done_chunk(c, fetched=False)
                 continue
             if batch and (size + c.clen > max_bytes or usize + c.ulen > max_bytes * PREFETCH_BATCH_EXPANSION):
@@ -260,28 +315,68 @@ class Prefetcher:
                 await self._bucket.acquire(sum(c.clen for c in batch))
             todo = []
             for c in batch:
-                if reader.cache.contains(c):
+                if reader.cache.on_disk(c):
                     self._done_chunk(c, fetched=False)
                 else:
                     todo.append(c)
             if not todo:
                 return
+            full = False
+            if disk is not None:  # only what the file system can take above the cache's reserve
+                room, fit = disk.free_bytes(), 0
+                while fit < len(todo) and todo[fit].ulen <= room:
+                    room -= todo[fit].ulen
+                    fit += 1
+                if fit == 0:
+                    self._end_early("disk_full", f"the file system of {disk.root} is down to the cache's reserve")
+                    return
+                full, todo = fit < len(todo), todo[:fit]
+            full_writes = disk.stats.disk_full if disk is not None else 0
             results = await reader.prefetch(todo, startup=startup)
             retry = []
+            unwritten = 0
             for c, err in zip(todo, results, strict=True):
                 if err is None:
-                    self._done_chunk(c, fetched=True)
+                    if reader.cache.on_disk(c):
+                        self._done_chunk(c, fetched=True)
+                    else:  # fetched and checked, but the disk tier could not keep it
+                        unwritten += 1
+                        self._failed[c.id] = "write_error"
                 elif isinstance(err, DigestMismatch):
                     self.chunks_failed += 1
                     self.errors += 1
+                    self._failed[c.id] = "corrupt"
                     self.last_error = f"chunk {c.id}: {err}"
                 else:
                     retry.append(c)
                     self.last_error = f"{type(err).__name__}: {err}"
+            if len(retry) < len(todo):
+                self._failing_since = None
+            if unwritten and disk is not None:
+                self.write_errors += unwritten
+                self.errors += 1
+                self.last_error = f"{unwritten} chunks not written to the disk cache: {disk.stats.last_write_error}"
+                if disk.stats.disk_full > full_writes or disk.free_bytes() < max(c.ulen for c in todo):
+                    for c in todo:
+                        if self._failed.get(c.id) == "write_error":
+                            self._failed[c.id] = "disk_full"
+                    self._end_early("disk_full", f"the disk cache is full ({disk.stats.last_write_error})")
+                    return
+            if full and disk is not None:
+                self._end_early("disk_full", f"the file system of {disk.root} is down to the cache's reserve")
+                return
             if disk is not None and self._written >= disk.max_bytes * self.cfg.prefetch_disk_share:
-                self._stop = True
+                self._end_early("disk_bound", f"{self._written} bytes written, the cache's share of its bound")
                 return
             if retry:
+                now = trio.current_time()
+                if self._failing_since is None:
+                    self._failing_since = now
+                elif now - self._failing_since > PREFETCH_GIVE_UP:
+                    for c in retry:
+                        self._failed[c.id] = "fetch"
+                    self._end_early("fetch", f"every fetch failed for {PREFETCH_GIVE_UP:g} s ({self.last_error})")
+                    return
                 self.errors += 1
                 attempt += 1
                 cap = min(self.cfg.prefetch_backoff_max, self.cfg.prefetch_backoff * 2 ** (attempt - 1))

@@ -13,8 +13,13 @@ Chunk states: ``MISSING -> FETCHING -> CACHED``, a failed fetch back to ``MISSIN
 (:class:`ChunkState`). One flight per chunk, whatever the number of waiters; its result or
 error reaches all of them. Bytes that do not match their digest are fetched once more, then
 the read fails with :class:`~turbofs.node.errors.ChunkCorrupt`: never returned, never cached.
-A read waiting past ``read_timeout`` fails with :class:`~turbofs.node.errors.FetchTimeout`;
-the fetch goes on in the reader's own nursery for whoever asks next.
+
+Failure time is bounded: a read waits at most ``read_timeout`` (then
+:class:`~turbofs.node.errors.FetchTimeout`), and the fetches of reads (demand, readahead) end
+at that deadline too, retries included. A chunk's failure (or a read's timeout on it) is
+remembered for ``READER_FAILURE_MEMORY`` seconds and shared by every reader: reads of it
+meanwhile fail at once with the same cause, so one user ``read()`` (several FUSE reads) waits
+once; afterwards the next read fetches it afresh.
 
 Demand reads and readahead (:class:`SequentialReads`) have their own slots
 (``demand_parallel``); prefetch (:mod:`turbofs.node.prefetch`) has others and pauses while
@@ -26,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol
@@ -35,7 +40,12 @@ import trio
 from lru import LRU
 
 from turbofs.core.codec import VerifiedChunk, decode_frame
-from turbofs.core.config import READER_RECENT_FAILURE, READER_SEQ_TRACKED_FILES, DaemonConfig
+from turbofs.core.config import (
+    READER_FAILURE_MEMORY,
+    READER_RECENT_FAILURE,
+    READER_SEQ_TRACKED_FILES,
+    DaemonConfig,
+)
 from turbofs.core.errors import DigestMismatch, FormatError
 from turbofs.core.format import Chunk, Index
 from turbofs.node.cache import ChunkCache
@@ -80,6 +90,10 @@ class _FetchTimedOut(Exception):
 
 class _Closed(Exception):
     """The reader closed before the fetch finished."""
+
+
+class _ReadTimedOut(Exception):
+    """A read waited ``read_timeout`` for the chunk (its message is the cause)."""
 
 
 class _Flight:
@@ -190,6 +204,8 @@ class ChunkReader:
         self._stack: contextlib.AsyncExitStack | None = None
         self._paths: dict[int, str] | None = None
         self._last_failure: tuple[float, str] | None = None
+        #: chunk id -> (trio time until which its failure holds, the failure)
+        self._failures: dict[int, tuple[float, BaseException]] = {}
         self._trace: dict[int, None] = {}  # chunk ids in the order reads first asked for them
         self._startup_listeners: list[Callable[[Chunk, bytes], None]] = []
 
@@ -285,6 +301,7 @@ class ChunkReader:
         end = slices[-1].file_offset + slices[-1].length
         datas, missing = self._from_caches([s.chunk for s in slices if s.chunk is not None])
         if missing:
+            self._fail_if_remembered(missing.values(), ino)
             flights = self._start(list(missing.values()), FetchKind.DEMAND)
             self._readahead(ino, offset, end)
             datas.update(await self._wait(flights, ino))
@@ -329,13 +346,38 @@ class ChunkReader:
         coalesced request where they are adjacent in a blob), not one request each."""
         datas, missing = self._from_caches(chunks)
         if missing:
+            self._fail_if_remembered(missing.values(), ino)
             datas.update(await self._wait(self._start(list(missing.values()), FetchKind.DEMAND), ino))
         return datas
+
+    # -- remembered failures
+
+    def _remembered(self, chunk_id: int) -> BaseException | None:
+        """The failure of ``chunk_id`` still remembered, or None (an old one is forgotten)."""
+        found = self._failures.get(chunk_id)
+        if found is None:
+            return None
+        if trio.current_time() >= found[0]:
+            del self._failures[chunk_id]
+            return None
+        return found[1]
+
+    def _remember(self, chunk_id: int, error: BaseException) -> None:
+        self._failures[chunk_id] = (trio.current_time() + READER_FAILURE_MEMORY, error)
+
+    def _fail_if_remembered(self, chunks: Iterable[Chunk], ino: int | None) -> None:
+        """Raise the remembered failure of the first of ``chunks`` that has one."""
+        for c in chunks:
+            err = self._remembered(c.id)
+            if err is not None:
+                self.metrics.remembered_failures.inc()
+                raise self._error(c, err, ino, remembered=True)
 
     def read_ahead(self, chunks: Sequence[Chunk]) -> int:
         """Start fetching ``chunks`` (those not cached or in flight) for a reader that will
         want them soon; returns how many were started."""
-        todo = [c for c in chunks if c.id not in self._flights and c.digest not in self.cache.ram]
+        todo = [c for c in chunks if c.id not in self._flights and c.digest not in self.cache.ram
+                and self._remembered(c.id) is None]
         if todo:
             self.metrics.readahead_chunks.inc(len(todo))
             self._start(todo, FetchKind.READAHEAD)
@@ -345,7 +387,7 @@ class ChunkReader:
         """Bring ``chunks`` into the disk tier (joining flights already under way); returns
         each chunk's error, or None. No timeout: each flight is bounded by fetch_timeout.
         ``startup``: chunks of a recorded startup, which reads will want soon: into RAM too."""
-        todo = [c for c in chunks if not self.cache.contains(c)]
+        todo = [c for c in chunks if not self.cache.contains(c)]  # its own backoff paces it
         kind = FetchKind.STARTUP if startup else FetchKind.PREFETCH
         flights = {f.chunk.id: f for f in self._start(todo, kind)}
         for f in flights.values():
@@ -377,6 +419,7 @@ class ChunkReader:
             return
         if isinstance(result, VerifiedChunk):
             flight.move(ChunkState.CACHED)
+            self._failures.pop(flight.chunk.id, None)
             if flight.kind is not FetchKind.PREFETCH:
                 flight.data = result.data
             elif flight.waiters:  # a read joined the prefetch: it wants the bytes, and in RAM
@@ -391,19 +434,26 @@ class ChunkReader:
         else:
             flight.move(ChunkState.MISSING)
             flight.error = result
+            # remembered when a read waited on it (a failed readahead or prefetch alone is
+            # not: the read that comes will try for itself)
+            if not isinstance(result, _Closed) and (flight.waiters or flight.kind is FetchKind.DEMAND):
+                self._remember(flight.chunk.id, result)
         if self._flights.get(flight.chunk.id) is flight:
             del self._flights[flight.chunk.id]
         flight.done.set()
 
     async def _run(self, flights: list[_Flight], kind: FetchKind) -> None:
         chunks = [f.chunk for f in flights]
+        # a read's fetch, retries included, ends with the read's deadline: nothing of it is
+        # left to hold a slot or a connection once the read has failed
+        limit = self.cfg.read_timeout if kind in (FetchKind.DEMAND, FetchKind.READAHEAD) else self.cfg.fetch_timeout
         try:
             results: dict[int, VerifiedChunk | BaseException]
             try:
-                with trio.move_on_after(self.cfg.fetch_timeout) as scope:
+                with trio.move_on_after(limit) as scope:
                     results = await self._load(chunks, kind)
                 if scope.cancelled_caught:
-                    err = _FetchTimedOut(f"no answer from {self.source.name} within {self.cfg.fetch_timeout:g} s")
+                    err = _FetchTimedOut(f"no answer from {self.source.name} within {limit:g} s")
                     results = dict.fromkeys((c.id for c in chunks), err)
             except Exception as exc:  # the source's failure is every waiter's failure
                 results = dict.fromkeys((c.id for c in chunks), exc)
@@ -507,29 +557,37 @@ class ChunkReader:
                 self._demand_last = now
                 self._demand_idle.set()
         if scope.cancelled_caught:
-            late = next(f for f in flights if not f.done.is_set())
-            raise self._error(late, ino, timeout=True)
-        out: dict[int, bytes] = {}
-        for f in flights:
-            if f.error is not None or f.data is None:
-                raise self._error(f, ino)
-            out[f.chunk.id] = f.data
-        return out
-
-    def _error(self, flight: _Flight, ino: int | None, *, timeout: bool = False) -> ReadError:
-        c = flight.chunk
-        path = self.path_of(ino) if ino is not None else ""
-        digest = c.digest.hex()
-        where = f"{self.name}: {path or 'chunk read'}: chunk {c.id} (sha256:{digest[:16]}...)"
-        err = flight.error
-        cls: type[ReadError]
-        if timeout:
-            cls, kind = FetchTimeout, "timeout"
             cause = f"no data from {self.source.name} after {self.cfg.read_timeout:g} s"
             if self._last_failure and trio.current_time() - self._last_failure[0] < READER_RECENT_FAILURE:
                 cause += f" (last failure: {self._last_failure[1]})"
             else:
                 cause += " (the fetch is still in progress)"
+            timed_out = _ReadTimedOut(cause)
+            late = [f for f in flights if not f.done.is_set()]
+            for f in late:
+                self._remember(f.chunk.id, timed_out)
+                # a stuck flight (a prefetch's, under fetch_timeout) is left to finish on its
+                # own: once the memory ends, the next read starts a fresh fetch
+                if self._flights.get(f.chunk.id) is f:
+                    del self._flights[f.chunk.id]
+            raise self._error(late[0].chunk, timed_out, ino)
+        out: dict[int, bytes] = {}
+        for f in flights:
+            if f.error is not None or f.data is None:
+                raise self._error(f.chunk, f.error, ino)
+            out[f.chunk.id] = f.data
+        return out
+
+    def _error(self, c: Chunk, err: BaseException | None, ino: int | None, *, remembered: bool = False) -> ReadError:
+        """The read error for chunk ``c`` failing with ``err``: counted, logged (a remembered
+        failure at debug level: it was logged when it happened), and named."""
+        path = self.path_of(ino) if ino is not None else ""
+        digest = c.digest.hex()
+        where = f"{self.name}: {path or 'chunk read'}: chunk {c.id} (sha256:{digest[:16]}...)"
+        cls: type[ReadError]
+        if isinstance(err, _ReadTimedOut):
+            cls, kind = FetchTimeout, "timeout"
+            cause = str(err)
         elif isinstance(err, DigestMismatch):
             cls, kind = ChunkCorrupt, "corrupt"
             cause = f"wrong content from {self.source.name} twice: {err}"
@@ -543,8 +601,10 @@ class ChunkReader:
             cls, kind = FetchFailed, "fetch"
             cause = f"{type(err).__name__}: {err}" if err is not None else "no data"
         self.metrics.errors.inc(kind=kind)
+        if remembered:
+            cause += f" (failed less than {READER_FAILURE_MEMORY:g} s ago: not fetched again yet)"
         message = f"{where}: {cause}"
-        log.error("%s", message)
+        log.log(logging.DEBUG if remembered else logging.ERROR, "%s", message)
         return cls(message, image=self.name, path=path, chunk_id=c.id, digest="sha256:" + digest, cause=cause)
 
     # -- readahead

@@ -35,9 +35,17 @@ from turbofs.core.config import (
     LAYER_DOWNLOAD_PARALLEL,
     LAYER_DOWNLOAD_PIECE,
     RESOLVER_CACHE_ENTRIES,
+    RESOLVER_DIGEST_REFETCHES,
     RESOLVER_NEGATIVE_TTL,
 )
-from turbofs.core.errors import FormatError, NotFound, SourceError, TurboError, UsageError
+from turbofs.core.errors import (
+    DigestMismatch,
+    FormatError,
+    NotFound,
+    SourceError,
+    TurboError,
+    UsageError,
+)
 from turbofs.core.image import ImageManifest, is_turbo_manifest, load_index, parse_manifest
 from turbofs.core.registry import Reference, RegistryClient
 from turbofs.snapshotter import labels as L
@@ -56,6 +64,20 @@ def run_registry_call(fn: Callable[[], Awaitable[T]]) -> T:
     the calling thread, and return its result: how blocking code (gRPC worker threads,
     ``turbofs pull``) calls the async client."""
     return trio.run(fn)
+
+
+async def refetching(fetch: Callable[[], Awaitable[T]]) -> T:
+    """``fetch()``, done again (up to RESOLVER_DIGEST_REFETCHES times) while its bytes fail
+    their digest: a corrupt answer is a transient fault, as it is for the node's chunks. A
+    mismatch that stays is raised (its message names the digest); bad bytes are never returned."""
+    for tries in range(RESOLVER_DIGEST_REFETCHES + 1):
+        try:
+            return await fetch()
+        except DigestMismatch as exc:
+            if tries == RESOLVER_DIGEST_REFETCHES:
+                raise DigestMismatch(f"{exc} (fetched {tries + 1} times)") from None
+            log.warning("%s: fetching it again", exc)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ async def _turbo_image(
                               "convert it with 'turbofs push', or pull it with 'ctr images pull'")
         return None
     parse_manifest(manifest.raw, manifest.digest)  # the turbo image's own rules
-    config = await client.get_config(ref.repository, manifest)
+    config = await refetching(lambda: client.get_config(ref.repository, manifest))
     return TurboImage(ref, manifest.digest, manifest.raw, manifest.media_type, config.digest, config.media_type,
                       config.raw, config.diff_ids)
 
@@ -139,7 +161,8 @@ def fetch_image(
 
     async def go() -> TurboImage:
         async with _client(reference, scheme, retries, timeout) as client:
-            manifest = await client.get_image_manifest(reference.repository, manifest_digest or reference.reference, platform)
+            manifest = await refetching(lambda: client.get_image_manifest(
+                reference.repository, manifest_digest or reference.reference, platform))
             img = await _turbo_image(client, reference, manifest, require_turbo=True)
             assert img is not None
             return dataclasses.replace(img, scheme=scheme)
@@ -157,7 +180,8 @@ def presented(
 
     async def go() -> bytes:
         async with _client(img.reference, img.scheme, retries, timeout) as client:
-            return await client.get_blob(img.reference.repository, manifest.index.digest, max_size=manifest.index.size)
+            return await refetching(lambda: client.get_blob(img.reference.repository, manifest.index.digest,
+                                                            max_size=manifest.index.size))
 
     index = load_index(manifest, run_registry_call(go))
     size = 0
@@ -212,10 +236,11 @@ async def _layer_descriptor(client: RegistryClient, ref: Reference, src: LayerSo
     """The descriptor and diff ID of ``src``'s layer, from the image's manifest and config:
     the position whose chain ID is ``src.chain_id``."""
     assert src.manifest_digest is not None
-    manifest = await client.get_image_manifest(ref.repository, src.manifest_digest)
+    digest = src.manifest_digest
+    manifest = await refetching(lambda: client.get_image_manifest(ref.repository, digest))
     where = f"manifest {manifest.where}"
     layers = manifest.layers
-    diffs = (await client.get_config(ref.repository, manifest)).diff_ids
+    diffs = (await refetching(lambda: client.get_config(ref.repository, manifest))).diff_ids
     if len(diffs) != len(layers):
         raise FormatError(f"{where}: {len(layers)} layers but its config has {len(diffs)} diff_ids")
     chain = chain_ids(diffs)
@@ -295,10 +320,11 @@ class Resolver:
             async with _client(reference, self.scheme(reference.registry), self.retries, self.timeout) as client:
                 if src.manifest_digest is not None:
                     desc, diff_id = await _layer_descriptor(client, reference, src)
-                    await client.download_blob(reference.repository, desc.digest, desc.size, dest,
-                                               piece=LAYER_DOWNLOAD_PIECE, parallel=LAYER_DOWNLOAD_PARALLEL)
+                    await refetching(lambda: client.download_blob(
+                        reference.repository, desc.digest, desc.size, dest,
+                        piece=LAYER_DOWNLOAD_PIECE, parallel=LAYER_DOWNLOAD_PARALLEL))
                     return LayerBlob(dest, desc.digest, desc.size, oci.LAYER_COMPRESSION[desc.media_type], diff_id)
-                data = await client.get_blob(reference.repository, src.layer_digest)  # verified
+                data = await refetching(lambda: client.get_blob(reference.repository, src.layer_digest))  # verified
                 dest.write_bytes(data)
                 return LayerBlob(dest, src.layer_digest, len(data), None, None)
 
@@ -321,14 +347,14 @@ class Resolver:
 
         async def go() -> TurboImage | None:
             async with _client(reference, scheme, self.retries, self.timeout) as client:
-                pulled = await client.get_image_manifest(reference.repository, manifest_digest)
+                pulled = await refetching(lambda: client.get_image_manifest(reference.repository, manifest_digest))
                 if is_turbo_manifest(pulled.obj):
                     return await _turbo_image(client, reference, pulled, require_turbo=True)
                 if not reference.tag:
                     return None
                 twin_tag = reference.tag + self.suffix
                 try:
-                    twin_manifest = await client.get_image_manifest(reference.repository, twin_tag)
+                    twin_manifest = await refetching(lambda: client.get_image_manifest(reference.repository, twin_tag))
                 except NotFound:
                     return None
                 twin = await _turbo_image(client, reference, twin_manifest, require_turbo=False)
