@@ -24,10 +24,10 @@ from tqdm import tqdm
 from index_builder.builder import build
 from turbofs.core import oci
 from turbofs.core.config import PUSH_PARALLEL, BuildConfig
-from turbofs.core.errors import FormatError, NotFound, TurboError
+from turbofs.core.errors import FormatError, NotFound, single_error
 from turbofs.core.image import LayoutImage, open_layout_image
 from turbofs.core.oci import split_path_ref
-from turbofs.core.registry import Reference, RegistryClient, first_error
+from turbofs.core.registry import Reference, RegistryClient
 
 
 @dataclass
@@ -92,14 +92,10 @@ async def push_image(
             await client.upload_blob(repo, digest, img.blob_path(digest), progress=bar.update)
 
     try:
-        async with trio.open_nursery() as nursery:
-            for digest in missing:
-                nursery.start_soon(send, digest)
-    except BaseExceptionGroup as group:  # the nursery's failure: raise the error that caused it
-        cause = first_error(group)
-        if not isinstance(cause, TurboError):
-            raise
-        raise cause from None
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for digest in missing:
+                    nursery.start_soon(send, digest)
     finally:
         bar.close()
     digest = await client.put_manifest(repo, target.tag or m.digest, m.raw, oci.OCI_MANIFEST)

@@ -19,6 +19,9 @@ usage errors).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class TurboError(Exception):
     """Base of all turbofs errors."""
@@ -58,3 +61,31 @@ class UsageError(TurboError):
     """Bad command-line arguments or configuration values."""
 
     exit_code = 2
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The error that a group of failures (a task group's) stands for: its first TurboError,
+    else its first other error; None where it holds anything but errors (a cancellation)."""
+    leaves: list[Exception] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        elif isinstance(exc, Exception):
+            leaves.append(exc)
+        else:
+            return None
+    return next((e for e in leaves if isinstance(e, TurboError)), leaves[0] if leaves else None)
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Around a nursery or task group: raise the one error its failures stand for
+    (:func:`first_error`) instead of the group; a group holding a cancellation stays as it is."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cause = first_error(group)
+        if cause is None:
+            raise
+        raise cause from None

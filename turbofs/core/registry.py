@@ -47,7 +47,14 @@ from turbofs.core.config import (
     CLIENT_UPLOAD_PIECE,
     MAX_INDEX_DEPTH,
 )
-from turbofs.core.errors import DigestMismatch, FormatError, NotFound, TurboError, UsageError
+from turbofs.core.errors import (
+    DigestMismatch,
+    FormatError,
+    NotFound,
+    TurboError,
+    UsageError,
+    single_error,
+)
 from turbofs.core.image import ImageConfig, ImageManifest, parse_config
 
 DEFAULT_ACCEPT: Final = ", ".join(
@@ -560,31 +567,11 @@ async def _gather(fn: Callable[[Any], Awaitable[None]], items: Any, parallel: in
         async with sem:
             await fn(item)
 
-    try:
+    with single_error():
         async with anyio.create_task_group() as tg:
             for item in items:
                 tg.start_soon(one, item)
-    except BaseExceptionGroup as group:  # the callers' errors are single: raise the cause
-        cause = first_error(group)
-        if cause is None:
-            raise
-        raise cause from None
 
-
-def first_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
-    """The error that a group of failures (a task group's) stands for: its first TurboError,
-    else its first other error; None where it holds anything but errors (a cancellation)."""
-    leaves: list[Exception] = []
-    todo: list[BaseException] = [group]
-    while todo:
-        exc = todo.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            todo[:0] = exc.exceptions
-        elif isinstance(exc, Exception):
-            leaves.append(exc)
-        else:
-            return None
-    return next((e for e in leaves if isinstance(e, TurboError)), leaves[0] if leaves else None)
 
 
 async def _pieces(source: Path | bytes) -> AsyncIterator[bytes]:

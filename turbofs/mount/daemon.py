@@ -32,9 +32,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from turbofs.core.errors import TurboError
+from turbofs.core.errors import TurboError, single_error
 from turbofs.core.format import Index
-from turbofs.core.registry import first_error
 from turbofs.erofs import ErofsError, ErofsImage, prepare_image
 from turbofs.mount import kernel
 from turbofs.mount.control import serve_control
@@ -303,12 +302,8 @@ def run_foreground(req: MountRequest, ready_fd: int | None = None) -> None:
 
     memory.tune_allocator()  # before any worker thread: RSS = RAM bound + a fixed overhead
     try:
-        trio.run(Daemon(req, notify).run)
-    except BaseExceptionGroup as group:  # a nursery's failure: report the error that caused it
-        cause = first_error(group)
-        if not isinstance(cause, TurboError):
-            raise
-        raise cause from None
+        with single_error():  # a nursery's failure: report the error that caused it
+            trio.run(Daemon(req, notify).run)
     finally:
         if out is not None:
             with contextlib.suppress(OSError):

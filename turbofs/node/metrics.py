@@ -74,9 +74,35 @@ class _Metric:
         return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}", *self.samples()]
 
 
-class Counter(_Metric):
-    """A value that only goes up (per label set); or, with ``collect``, one kept elsewhere
-    (another thread's count) and read at render time."""
+class _Valued(_Metric):
+    """A metric with one value per label set; or, with ``collect``, values kept elsewhere
+    (another thread's counts) and read at render time."""
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[Labels, float] = {}
+        self._collect = collect
+
+    def value(self, **labels: str) -> float:
+        key = self._key(labels)
+        if self._collect is not None:
+            return dict(self._collect()).get(key, 0.0)
+        return self._values.get(key, 0.0)
+
+    def samples(self) -> Iterable[str]:
+        items = dict(self._collect()) if self._collect is not None else self._values
+        for key, v in sorted(items.items()):
+            yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
+
+
+class Counter(_Valued):
+    """A value that only goes up (per label set)."""
 
     kind = "counter"
 
@@ -87,9 +113,7 @@ class Counter(_Metric):
         labelnames: Sequence[str] = (),
         collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
     ) -> None:
-        super().__init__(name, help, labelnames)
-        self._values: dict[Labels, float] = {}
-        self._collect = collect
+        super().__init__(name, help, labelnames, collect)
         if not self.labelnames:
             self._values[()] = 0.0
 
@@ -99,47 +123,14 @@ class Counter(_Metric):
         key = self._key(labels)
         self._values[key] = self._values.get(key, 0.0) + amount
 
-    def value(self, **labels: str) -> float:
-        key = self._key(labels)
-        if self._collect is not None:
-            return dict(self._collect()).get(key, 0.0)
-        return self._values.get(key, 0.0)
 
-    def samples(self) -> Iterable[str]:
-        items = dict(self._collect()) if self._collect is not None else self._values
-        for key, v in sorted(items.items()):
-            yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
-
-
-class Gauge(_Metric):
-    """A value that goes up and down; or, with ``collect``, one read at render time."""
+class Gauge(_Valued):
+    """A value that goes up and down."""
 
     kind = "gauge"
 
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Sequence[str] = (),
-        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        self._values: dict[Labels, float] = {}
-        self._collect = collect
-
     def set(self, value: float, **labels: str) -> None:
         self._values[self._key(labels)] = float(value)
-
-    def value(self, **labels: str) -> float:
-        key = self._key(labels)
-        if self._collect is not None:
-            return dict(self._collect()).get(key, 0.0)
-        return self._values.get(key, 0.0)
-
-    def samples(self) -> Iterable[str]:
-        items = dict(self._collect()) if self._collect is not None else self._values
-        for key, v in sorted(items.items()):
-            yield f"{_series(self.name, self.labelnames, key)} {_fmt(v)}"
 
 
 class Histogram(_Metric):
