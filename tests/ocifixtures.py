@@ -274,7 +274,7 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-def _pax_record(key: bytes, value: bytes) -> bytes:
+def pax_record(key: bytes, value: bytes) -> bytes:
     """One "LEN KEY=VALUE\\n" record; LEN counts the whole record including itself."""
     body = b" " + key + b"=" + value + b"\n"
     digits = len(str(len(body)))
@@ -337,21 +337,21 @@ def _pax_records_for(entry: TarEntry, header_name: bytes, size: int) -> list[byt
     records: list[bytes] = []
     name = header_name
     if len(name) > 100 or not name.isascii():
-        records.append(_pax_record(b"path", name))
+        records.append(pax_record(b"path", name))
     link = entry.linkname_bytes
     if len(link) > 100 or not link.isascii():
-        records.append(_pax_record(b"linkpath", link))
+        records.append(pax_record(b"linkpath", link))
     seconds, nanos = entry.mtime
     if nanos or seconds > _MAX_OCTAL_12:
-        records.append(_pax_record(b"mtime", b"%d.%09d" % (seconds, nanos)))
+        records.append(pax_record(b"mtime", b"%d.%09d" % (seconds, nanos)))
     if size > _MAX_OCTAL_12:
-        records.append(_pax_record(b"size", b"%d" % size))
+        records.append(pax_record(b"size", b"%d" % size))
     if entry.uid > _MAX_OCTAL_8:
-        records.append(_pax_record(b"uid", b"%d" % entry.uid))
+        records.append(pax_record(b"uid", b"%d" % entry.uid))
     if entry.gid > _MAX_OCTAL_8:
-        records.append(_pax_record(b"gid", b"%d" % entry.gid))
+        records.append(pax_record(b"gid", b"%d" % entry.gid))
     for key in sorted(entry.xattrs):
-        records.append(_pax_record(b"SCHILY.xattr." + _b(key), entry.xattrs[key]))
+        records.append(pax_record(b"SCHILY.xattr." + _b(key), entry.xattrs[key]))
     return records
 
 

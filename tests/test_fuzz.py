@@ -41,6 +41,7 @@ from server import jsonbody, turbo_ext
 from server.errors import DistributionError
 from tests.mount_fixtures import build_layout
 from tests.ocifixtures import TarEntry as FixtureEntry
+from tests.ocifixtures import pax_record
 from tests.test_format import sample_index
 from turbofs.core import format as fmt
 from turbofs.core import image, oci
@@ -475,7 +476,7 @@ def _pax_records(draw: st.DrawFn) -> bytes:
         key = draw(st.sampled_from(_PAX_KEYS) | st.binary(max_size=16))
         value = draw(st.sampled_from(_PAX_VALUES) | st.binary(max_size=40))
         body = b" " + key + b"=" + value + b"\n"
-        n = len(_pax_record(key, value))  # the length counts its own digits
+        n = len(pax_record(key, value))  # the length counts its own digits
         length: bytes = b"%d" % n
         fault = draw(st.integers(0, 9))
         if fault == 0:
@@ -612,12 +613,6 @@ def _pax_member(records: bytes, flag: bytes = b"x") -> bytes:
     return _checksummed(block, False) + records + bytes(-len(records) % 512)
 
 
-def _pax_record(key: bytes, value: bytes) -> bytes:
-    body = b" " + key + b"=" + value + b"\n"
-    digits = len(str(len(body)))
-    while len(str(len(body) + digits)) != digits:
-        digits += 1
-    return b"%d" % (len(body) + digits) + body
 
 
 @pytest.mark.parametrize("flag", [b"x", b"g"])
@@ -628,7 +623,7 @@ def test_tar_metadata_is_bounded_across_headers(flag: bytes) -> None:
     from turbofs.core.tar import TarError
 
     value = b"v" * (1 << 20)
-    headers = [_pax_member(_pax_record(b"comment%d" % i, value), flag)
+    headers = [_pax_member(pax_record(b"comment%d" % i, value), flag)
                for i in range(TAR_MAX_META_SIZE // len(value) + 2)]
     data = b"".join(headers) + _pax_member(b"", b"0") + bytes(1024)
     pieces = iter([data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)])

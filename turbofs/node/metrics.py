@@ -78,6 +78,9 @@ class _Valued(_Metric):
     """A metric with one value per label set; or, with ``collect``, values kept elsewhere
     (another thread's counts) and read at render time."""
 
+    #: an unlabelled series is shown (as 0) before its first update
+    _starts_at_zero = False
+
     def __init__(
         self,
         name: str,
@@ -88,6 +91,8 @@ class _Valued(_Metric):
         super().__init__(name, help, labelnames)
         self._values: dict[Labels, float] = {}
         self._collect = collect
+        if self._starts_at_zero and not self.labelnames:
+            self._values[()] = 0.0
 
     def value(self, **labels: str) -> float:
         key = self._key(labels)
@@ -105,17 +110,7 @@ class Counter(_Valued):
     """A value that only goes up (per label set)."""
 
     kind = "counter"
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Sequence[str] = (),
-        collect: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames, collect)
-        if not self.labelnames:
-            self._values[()] = 0.0
+    _starts_at_zero = True
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
